@@ -1,0 +1,72 @@
+"""KubeArmor policies: the typed model, its schema, and the parser that builds it.
+
+from enforcer.policy import load_policies, parse_policy, parse_text
+"""
+
+from enforcer.policy.model import (
+    Action,
+    Capability,
+    Expression,
+    FileRule,
+    FromSource,
+    NetworkPolicyRule,
+    NetworkRule,
+    Operation,
+    PeerPort,
+    Policy,
+    PolicyKind,
+    ProcessRule,
+    RuleMeta,
+    Selector,
+    SyscallRule,
+    Target,
+)
+from enforcer.policy.parse import (
+    CONTAINER_NAME_LABEL,
+    LineLookup,
+    PatternError,
+    compile_pattern,
+    format_path,
+    load_policies,
+    parse_file,
+    parse_policy,
+    parse_text,
+    policy_files,
+    validate_document,
+    yaml_lines,
+)
+from enforcer.policy.schema import API_VERSION, json_schema, openapi_schema
+
+__all__ = [
+    "API_VERSION",
+    "CONTAINER_NAME_LABEL",
+    "Action",
+    "Capability",
+    "Expression",
+    "FileRule",
+    "FromSource",
+    "LineLookup",
+    "NetworkPolicyRule",
+    "NetworkRule",
+    "Operation",
+    "PatternError",
+    "PeerPort",
+    "Policy",
+    "PolicyKind",
+    "ProcessRule",
+    "RuleMeta",
+    "Selector",
+    "SyscallRule",
+    "Target",
+    "compile_pattern",
+    "format_path",
+    "json_schema",
+    "load_policies",
+    "openapi_schema",
+    "parse_file",
+    "parse_policy",
+    "parse_text",
+    "policy_files",
+    "validate_document",
+    "yaml_lines",
+]

@@ -17,8 +17,10 @@ __all__ = [
     "Expression",
     "FileRule",
     "FromSource",
+    "NetworkPolicyRule",
     "NetworkRule",
     "Operation",
+    "PeerPort",
     "Policy",
     "PolicyKind",
     "ProcessRule",
@@ -88,6 +90,7 @@ class ProcessRule:
     owner_only: bool = False
     from_source: tuple[FromSource, ...] = ()
     exec_name: bool = False  # matchPaths with `execname:` match the binary's base name
+    allowed_args: tuple[str, ...] = ()  # matchPaths allowedArgs (KubeArmor: at most 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,28 @@ class NetworkRule:
     protocol: str  # lower case: tcp, udp, icmp, icmpv6, raw, sctp, all
     meta: RuleMeta
     from_source: tuple[FromSource, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPort:
+    """A KubeArmorNetworkPolicy port: a number or service name, optionally up to end_port."""
+
+    port: str
+    end_port: int | None = None
+    protocol: str | None = None  # lower case: tcp, udp, sctp; None means any
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicyRule:
+    """One ingress/egress entry of a KubeArmorNetworkPolicy (validated and kept; not matched)."""
+
+    direction: str  # "ingress" or "egress"
+    meta: RuleMeta
+    cidrs: tuple[str, ...] = ()  # from/to ipBlock.cidr
+    ports: tuple[PeerPort, ...] = ()
+    interfaces: tuple[str, ...] = ()  # iface
+    limit: str | None = None  # bandwidth quota such as "10M"
+    duration: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +163,9 @@ class Selector:
     """Which workloads (or, for host policies, which nodes) a policy applies to."""
 
     match_labels: tuple[tuple[str, str], ...] = ()  # without the container-name label
-    # From `kubearmor.io/container.name`: None when absent, "[]" or "" (all containers).
+    # From the `kubearmor.io/container.name` label. None: label absent (all containers);
+    # (): label present but "[]" or "" (also all containers); ("a", "b"): from "[a,b]"
+    # (a bare "a,b" without brackets is read the same way).
     container_names: tuple[str, ...] | None = None
     match_expressions: tuple[Expression, ...] = ()
 
@@ -158,5 +185,7 @@ class Policy:
     network: tuple[NetworkRule, ...] = ()
     capabilities: tuple[Capability, ...] = ()
     syscalls: tuple[SyscallRule, ...] = ()
+    ingress: tuple[NetworkPolicyRule, ...] = ()  # KubeArmorNetworkPolicy only
+    egress: tuple[NetworkPolicyRule, ...] = ()  # KubeArmorNetworkPolicy only
     source_file: str = ""  # where it was read from, for error messages and logs
     raw: dict[str, object] = field(default_factory=dict, compare=False, hash=False, repr=False)
