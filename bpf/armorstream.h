@@ -60,6 +60,17 @@ enum as_net_op {
 	AS_NET_ACCEPT = 5,
 };
 
+/*
+ * Visibility bits: value of the as_watched map (cgroup id -> bits) and of each
+ * object's `as_host_visible` knob; KubeArmor's kubearmor-visibility annotation.
+ */
+enum as_visibility {
+	AS_VIS_PROCESS = 1 << 0,
+	AS_VIS_FILE = 1 << 1,
+	AS_VIS_NETWORK = 1 << 2,
+	AS_VIS_CAPABILITIES = 1 << 3,
+};
+
 /* Common header of every record: who did it, where, when, with what result. */
 struct as_hdr {
 	__u16 kind;      /* enum as_kind */

@@ -14,5 +14,10 @@ struct as_fork_rec _as_fork_rec __attribute__((unused));
 struct as_file_rec _as_file_rec __attribute__((unused));
 struct as_net_rec _as_net_rec __attribute__((unused));
 struct as_cap_rec _as_cap_rec __attribute__((unused));
+/* Enums land in BTF only when something has their type. */
+enum as_kind _as_kind __attribute__((unused));
+enum as_flag _as_flag __attribute__((unused));
+enum as_net_op _as_net_op __attribute__((unused));
+enum as_visibility _as_visibility __attribute__((unused));
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,142 @@
+"""Drain BPF ring buffers into per-kind batches of raw record bytes, ready for the envelope.
+
+No per-record Python objects: the ring-buffer callback appends bytes (sensor.libbpf),
+and a batch is (kind, bytes, count). Records the kernel could not reserve are read
+from the per-CPU `as_drops` map and reported as LOST records in the same stream, so
+the loss is visible downstream and not only in a metric.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from enforcer.records import AS_SCHEMA_VERSION, DTYPES, LOST_DTYPE, Kind, Visibility
+from sensor.libbpf import PIN_ROOT, BpfError, Map, Object, RingBuffer
+
+__all__ = ["BPF_OUTPUT", "Batch", "Drain", "ProcessMonitor", "boot_wall_ns"]
+
+BPF_OUTPUT: Final = Path(__file__).resolve().parent.parent / "bpf" / ".output"
+_KIND_SLOTS: Final = 16  # AS_KIND_SLOTS in bpf/maps.bpf.h
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    kind: int
+    records: bytes
+    count: int
+
+
+def boot_wall_ns() -> int:
+    """Wall-clock ns at boot: add a record's hdr.ktime_ns (CLOCK_BOOTTIME) to get its wall time."""
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+@dataclass
+class Drain:
+    """Turns what a RingBuffer collected into Batches; counts what it saw and what was lost."""
+
+    ring: RingBuffer
+    drops: Map | None = None  # as_drops (per CPU, by kind)
+    seen: dict[int, int] = field(default_factory=dict)  # records per kind
+    lost_kernel: dict[int, int] = field(default_factory=dict)  # reserve failures per kind
+    malformed_bytes: int = 0  # bytes of unknown kind or size (a sensor/header mismatch)
+
+    def poll(self, timeout_ms: int = 100) -> list[Batch]:
+        """Wait up to timeout_ms for records, then return everything collected."""
+        self.ring.poll(timeout_ms)
+        return self.take()
+
+    def take(self) -> list[Batch]:
+        out: list[Batch] = []
+        lost = self._lost_records()
+        if lost is not None:
+            out.append(lost)
+        for kind, raw in self.ring.take():
+            dtype = DTYPES.get(kind)
+            if dtype is None or len(raw) % dtype.itemsize:
+                self.malformed_bytes += len(raw)
+                continue
+            n = len(raw) // dtype.itemsize
+            self.seen[kind] = self.seen.get(kind, 0) + n
+            out.append(Batch(kind, raw, n))
+        return out
+
+    def _lost_records(self) -> Batch | None:
+        """One LOST record per kind whose drop counter grew: ret = records lost since the last one."""
+        if self.drops is None:
+            return None
+        recs = []
+        for kind in range(_KIND_SLOTS):
+            per_cpu = self.drops.lookup_percpu(kind.to_bytes(4, "little"))
+            total = sum(int.from_bytes(v, "little") for v in per_cpu)
+            delta = total - self.lost_kernel.get(kind, 0)
+            if delta > 0:
+                self.lost_kernel[kind] = total
+                recs.append((kind, delta))
+        if not recs:
+            return None
+        arr = np.zeros(len(recs), dtype=LOST_DTYPE)
+        h = arr["hdr"]
+        h["kind"], h["version"], h["size"] = Kind.LOST, AS_SCHEMA_VERSION, LOST_DTYPE.itemsize
+        h["ktime_ns"] = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        h["ret"] = [min(d, 2**31 - 1) for _, d in recs]
+        names = {int(k): k.name for k in Kind}
+        h["comm"] = [names.get(k, str(k)).encode() for k, _ in recs]  # the kind that was lost
+        return Batch(Kind.LOST, arr.tobytes(), len(recs))
+
+
+class ProcessMonitor:
+    """bpf/process.bpf.c loaded and attached: exec, fork and exit of watched cgroups.
+
+    Maps are pinned in `pin_dir`, so a restarted sensor finds the watched set, the drop
+    counters and any unread records where it left them.
+    """
+
+    OBJECT: Final = "process.bpf.o"
+
+    def __init__(
+        self,
+        *,
+        pin_dir: Path = PIN_ROOT,
+        host_visibility: int = 0,  # enum as_visibility bits for host tasks
+        objects: Path = BPF_OUTPUT,
+        high_water: int = 4 << 20,
+        ring_bytes: int | None = None,  # ring buffer size; default: as compiled (4 MiB)
+    ) -> None:
+        path = objects / self.OBJECT
+        if not path.exists():
+            raise BpfError(f"{path} not built (run: make -C bpf)", 2)
+        self.obj = Object(path)
+        try:
+            self.obj.set_global("as_host_visible", host_visibility.to_bytes(4, "little"))
+            if ring_bytes is not None:
+                self.obj.map("as_proc_rb").set_max_entries(ring_bytes)
+            self.obj.pin_maps(pin_dir, ["as_watched", "as_drops", "as_proc_rb"])
+            self.obj.load()
+            self.watched = self.obj.map("as_watched")
+            self.obj.attach_all()
+            self.drain = Drain(RingBuffer([self.obj.map("as_proc_rb")], high_water), self.obj.map("as_drops"))
+        except BaseException:
+            self.obj.close()
+            raise
+
+    def watch(self, cgroup_id: int, visibility: Visibility = Visibility.PROCESS) -> None:
+        self.watched.update(cgroup_id.to_bytes(8, "little"), int(visibility).to_bytes(4, "little"))
+
+    def unwatch(self, cgroup_id: int) -> bool:
+        return self.watched.delete(cgroup_id.to_bytes(8, "little"))
+
+    def close(self) -> None:
+        self.drain.ring.close()
+        self.obj.close()
+
+    def __enter__(self) -> ProcessMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
