@@ -14,7 +14,22 @@ import click
 
 # name -> "module:attribute" of a click command or group
 COMMANDS: dict[str, tuple[str, str]] = {
-    "policy": ("armorstream.policy_cmd:policy", "Validate KubeArmor policies and simulate their verdicts."),
+    "policy": (
+        "armorstream.policy_cmd:policy",
+        "Validate KubeArmor policies and simulate their verdicts.",
+    ),
+    "clickhouse": (
+        "armorstream.clickhouse_cmd:clickhouse",
+        "Embedded ClickHouse: serve the store over HTTP, run migrations.",
+    ),
+    "stream": (
+        "armorstream.stream_cmd:stream",
+        "Run a stream worker: raw batches to alerts, logs and history.",
+    ),
+    "controller": (
+        "armorstream.controller_cmd:controller",
+        "Publish pods, namespaces and policies to the control topics.",
+    ),
 }
 
 
