@@ -13,6 +13,7 @@ COPY stream stream
 COPY controller controller
 COPY armorstream armorstream
 COPY bpf bpf
-RUN pip install --no-cache-dir .
+# Editable: the sensor finds bpf/ (sources and built objects) next to its package.
+RUN pip install --no-cache-dir -e .
 ENTRYPOINT ["armorstream"]
 CMD ["--help"]
