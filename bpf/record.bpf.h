@@ -1,0 +1,73 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * What every monitor does first and last: decide whether the current task is
+ * watched for a concern (one hash lookup, before any other work), and fill the
+ * common record header. Included by each monitor object (process, file, net, cap).
+ */
+#ifndef __AS_RECORD_BPF_H
+#define __AS_RECORD_BPF_H
+
+#include "armorstream.h"
+#include "compat.bpf.h"
+#include "maps.bpf.h"
+
+/* enum as_visibility bits for host tasks; set by the sensor before load. */
+const volatile __u32 as_host_visible = 0;
+
+/* Should `t` be reported for `bit`? Sets AS_F_HOST for host tasks. */
+static __always_inline bool as_visible(__u64 cgid, struct task_struct *t, __u32 bit, __u32 *flags)
+{
+	__u32 *vis = bpf_map_lookup_elem(&as_watched, &cgid);
+
+	if (vis)
+		return *vis & bit;
+	/* Host = the initial pid namespace (containers sharing the host pid ns count as host). */
+	if ((as_host_visible & bit) && as_pid_level(t) == 0) {
+		*flags |= AS_F_HOST;
+		return true;
+	}
+	return false;
+}
+
+/* Identity of `t`, which must be the current task (uid/gid and comm come from helpers). */
+static __always_inline void as_fill_hdr(struct as_hdr *h, struct task_struct *t, __u16 kind, __u32 size,
+					__u64 cgid, __u32 flags)
+{
+	struct task_struct *parent = BPF_CORE_READ(t, real_parent);
+	__u32 level = as_pid_level(t);
+	struct pid *pid = BPF_CORE_READ(t, group_leader, thread_pid);
+	struct upid up = {};
+	__u64 ugid = bpf_get_current_uid_gid();
+
+	bpf_core_read(&up, sizeof(up), &pid->numbers[level & 31]);
+	h->kind = kind;
+	h->version = AS_SCHEMA_VERSION;
+	h->size = size;
+	h->ktime_ns = as_boot_ns();
+	h->cgroup_id = cgid;
+	h->pid_ns = BPF_CORE_READ(up.ns, ns.inum);
+	h->mnt_ns = BPF_CORE_READ(t, nsproxy, mnt_ns, ns.inum);
+	h->host_pid = BPF_CORE_READ(t, tgid);
+	h->host_ppid = BPF_CORE_READ(parent, tgid);
+	h->pid = up.nr;
+	h->ppid = as_tgid_at(parent, level);
+	h->uid = (__u32)ugid;
+	h->gid = ugid >> 32;
+	h->ret = 0;
+	h->flags = flags;
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+/*
+ * Ring-buffer memory is not zeroed: strings must be NUL-padded and nothing may
+ * leak. clang will not inline a large memset for BPF, so store words (volatile, or
+ * clang turns the loop back into a memset). `size` must be a multiple of 8.
+ */
+#define AS_ZERO(rec)                                               \
+	do {                                                       \
+		volatile __u64 *__w = (volatile __u64 *)(rec);     \
+		_Pragma("unroll") for (int __i = 0; __i < sizeof(*(rec)) / 8; __i++) \
+			__w[__i] = 0;                              \
+	} while (0)
+
+#endif /* __AS_RECORD_BPF_H */
