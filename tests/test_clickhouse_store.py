@@ -1,10 +1,16 @@
 """The ClickHouse store against real engines: chdb in-process, chdb behind the HTTP endpoint
-(clickhouse-connect's HTTP client, the path a real server uses) and, when CLICKHOUSE_URL
-is set, a real ClickHouse server. Every test runs in a fresh database."""
+(clickhouse-connect's HTTP client, the path a real server uses) and a server: the one
+CLICKHOUSE_URL names (an official ClickHouse server, e.g. from deploy/compose) or else
+`armorstream clickhouse serve` started as its own process, so the URL configuration path
+never goes untested. Every test runs in a fresh database."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,6 +21,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pytest
 
+from armorstream.embedded_broker import free_port
 from stream.chhttp import ChdbHttpServer
 from stream.store import Sink, Store, StoreConfig, StoreError, StoreUnavailable, open_store, rows_to_table
 from stream.store.schema import EVENT_COLUMNS, MIGRATIONS
@@ -38,14 +45,45 @@ def endpoint(data_dir: Path) -> Iterator[ChdbHttpServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("CLICKHOUSE_URL")
+    if url:
+        yield url
+        return
+    # No official server can be installed on these machines: serve a separate chdb process.
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "armorstream.cli", "clickhouse", "serve",
+         "--path", str(tmp_path_factory.mktemp("chserver")), "--listen", f"127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"armorstream clickhouse serve did not start: {err}")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/default"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+
+
 @pytest.fixture(params=["chdb", "http", "server"])
 def make_store(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[StoreFactory]:
     database = f"t_{uuid.uuid4().hex[:10]}"
     backend = request.param
     if backend == "server":
-        url = os.environ.get("CLICKHOUSE_URL")
-        if not url:
-            pytest.skip("CLICKHOUSE_URL not set (a real ClickHouse server is optional)")
+        url = request.getfixturevalue("server_url")
         base = urlsplit(url)._replace(path=f"/{database}").geturl()
     elif backend == "http":
         base = f"{request.getfixturevalue('endpoint').url}/{database}"
