@@ -30,6 +30,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "armorstream.controller_cmd:controller",
         "Publish pods, namespaces and policies to the control topics.",
     ),
+    "sensor": ("armorstream.sensor_cmd:sensor", "Run the kernel sensor: BPF monitors to the raw topic."),
+    "query": ("armorstream.query_cmd:query", "SOC reports and SQL over the ClickHouse history."),
+    "logs": ("armorstream.logs_cmd:logs", "Alerts and logs from the SIEM topics, like karmor logs."),
+    "up": ("armorstream.up:up", "Run the whole pipeline on this machine, under one supervisor."),
+    "status": ("armorstream.status_cmd:status", "Health and counters of a running `armorstream up`."),
+    "conformance": ("armorstream.conformance_cmd:conformance", "Run KubeArmor-style enforcement scenarios."),
 }
 
 

@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, bench/ is sys.path[0] and bench/stream.py would shadow the stream package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import pyarrow as pa  # noqa: E402

@@ -1,0 +1,72 @@
+"""The Faust application and the worker's settings (the bottom of stream's Faust layers).
+
+app.py <- topics.py <- agents.py: each module imports only the ones before it.
+The app is built by `make_app(settings)` rather than at import time because the
+broker, topic names and partitions come from the `armorstream stream` command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faust
+
+__all__ = ["StreamSettings", "make_app"]
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    broker: str = "127.0.0.1:9092"  # bootstrap host:port
+    app_id: str = "armorstream-stream"
+    raw_topic: str = "armorstream.raw"
+    alerts_topic: str = "alerts"
+    logs_topic: str = "logs"
+    dead_letter_topic: str = "armorstream.raw.dlq"
+    control_prefix: str = "armorstream."
+    partitions: int = 4  # raw topic partitions (the unit of sharing between workers)
+    siem_partitions: int = 4
+    create_topics: bool = True
+    cluster: str = "default"
+    # batching: raw messages taken per agent step, and how long to wait for them
+    take_max: int = 64
+    take_within_s: float = 0.05
+    fetch_max_bytes: int = 16 * 1024 * 1024  # per partition
+    max_inflight: int = 4  # steps being delivered while the next is processed (back-pressure bound)
+    # late metadata
+    late_wait_s: float = 5.0
+    late_max_events: int = 200_000
+    # KubeArmor alert throttling
+    throttle: bool = True
+    max_alerts_per_sec: int = 10
+    throttle_s: int = 30
+    # ClickHouse target: None (no history), "chdb:DIR", or an http(s):// URL
+    clickhouse: str | None = None
+    # tansu cannot do idempotent producers (InitProducerId); real Kafka can
+    idempotent_producer: bool = False
+    session_timeout_s: float = 2.0
+    stop_timeout_s: float = 10.0  # at shutdown, wait this long for steps being delivered
+    control_catchup_s: float = 5.0  # at start, raw batches wait at most this long for the control topics
+
+
+def make_app(s: StreamSettings) -> faust.App:
+    return faust.App(
+        s.app_id,
+        broker=f"kafka://{s.broker}",
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_partitions=s.partitions,
+        topic_allow_declare=False,  # topics are created beforehand with the right partition counts
+        broker_session_timeout=s.session_timeout_s,
+        broker_heartbeat_interval=min(1.0, s.session_timeout_s / 4),
+        broker_rebalance_timeout=max(1.0, s.session_timeout_s),
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        producer_acks=-1,
+        # No tables: control state is plain dicts rebuilt from the control topics, so the
+        # changelog recovery that tansu's end offsets break is never needed.
+        table_standby_replicas=0,
+        stream_wait_empty=False,
+        # Raw messages are envelopes of ~1000 records (hundreds of KiB): fetch many at once.
+        consumer_max_fetch_size=s.fetch_max_bytes,
+        stream_buffer_maxsize=max(64, 2 * s.take_max),
+    )

@@ -1,0 +1,259 @@
+"""`armorstream stream` against a real tansu broker: raw batches in, exact Alert/Log records out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from test_stream_core import NODE, SHADOW_POLICY, container, exec_batch, file_batch, mixed_file_batch
+
+from enforcer.control import ControlTopics, PolicyRecord, encode, encode_key
+from enforcer.records import Flag
+from stream.app import StreamSettings
+from stream.join import cgroup_key, encode_cgroup
+from stream.store import StoreConfig, open_store
+from stream.topics import ensure_topics
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(60)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Worker:
+    settings: StreamSettings
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def store_dir(self) -> Path:
+        return self.dir / "ch"
+
+    def start(self) -> Worker:
+        s = self.settings
+        with open(self.dir / "worker.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "armorstream.cli", "stream", "--broker", s.broker,
+                 "--partitions", "2", "--siem-partitions", "2", "--late-wait", "1.5", "--no-create-topics",
+                 "--max-alerts-per-sec", "3", "--log-level", "info",
+                 "--clickhouse", f"chdb:{self.store_dir}"],
+                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+            )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def worker(broker: Any, tmp_path: Path) -> Iterator[Worker]:
+    s = StreamSettings(broker=broker.bootstrap, partitions=2, siem_partitions=2, late_wait_s=1.5)
+    asyncio.run(ensure_topics(s))
+    w = Worker(s, tmp_path).start()
+    try:
+        yield w
+    finally:
+        w.stop()
+        print((tmp_path / "worker.log").read_text()[-8000:])  # shown when the test fails
+
+
+Item = tuple[str, bytes | None, bytes | None]
+
+
+async def produce(s: StreamSettings, items: list[Item]) -> None:
+    p = AIOKafkaProducer(bootstrap_servers=s.broker)
+    await p.start()
+    try:
+        for topic, key, value in items:
+            await p.send_and_wait(topic, value, key=key)
+    finally:
+        await p.stop()
+
+
+async def collect(s: StreamSettings, want: dict[str, int], timeout: float = 30.0) -> dict[str, list[Any]]:
+    topics = [s.alerts_topic, s.logs_topic, s.dead_letter_topic]
+    got: dict[str, list[Any]] = {t: [] for t in topics}
+    c = AIOKafkaConsumer(*topics, bootstrap_servers=s.broker, group_id=None, auto_offset_reset="earliest")
+    await c.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(len(got[t]) < n for t, n in want.items()):
+            for tp, msgs in (await c.getmany(timeout_ms=200)).items():
+                got[tp.topic].extend(msgs)
+        await asyncio.sleep(0.5)  # anything beyond the expected counts would be a bug: look for it
+        for tp, msgs in (await c.getmany(timeout_ms=300)).items():
+            got[tp.topic].extend(msgs)
+    finally:
+        await c.stop()
+    return got
+
+
+async def wait_committed(s: StreamSettings, timeout: float = 20.0) -> None:
+    """Until the worker's group has committed the raw topic to its end (one record per produce
+    batch, so tansu's end offsets are right), i.e. everything is delivered and stored."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker)
+    c = AIOKafkaConsumer(bootstrap_servers=s.broker, group_id=None)
+    await admin.start()
+    await c.start()
+    try:
+        tps = [TopicPartition(s.raw_topic, p) for p in range(s.partitions)]
+        end = await c.end_offsets(tps)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = await admin.list_consumer_group_offsets(s.app_id, partitions=tps)
+            if all(end[tp] == 0 or (tp in done and done[tp].offset >= end[tp]) for tp in tps):
+                return
+            await asyncio.sleep(0.3)
+        raise AssertionError(f"raw topic not committed to its end {end} within {timeout}s: {done}")
+    finally:
+        await c.stop()
+        await admin.close()
+
+
+def control_items(s: StreamSettings, cgroup: int, cid: str, pod: str, ns: str) -> list[Item]:
+    ct = ControlTopics(s.control_prefix)
+    rec = container(cid, pod, ns)
+    return [
+        (ct.containers, encode_key(cid), encode(rec)),
+        (ct.prefix + "control.cgroups", cgroup_key(NODE, cgroup), encode_cgroup(NODE, cgroup, cid)),
+    ]
+
+
+def test_several_pods_blocked_late_and_malformed(worker: Worker) -> None:
+    s = worker.settings
+    ct = ControlTopics(s.control_prefix)
+    doc = {**SHADOW_POLICY, "metadata": {"name": "audit-passwd", "namespace": "shop"},
+           "spec": {**SHADOW_POLICY["spec"], "file": {"matchPaths": [{"path": "/etc/passwd"}]}}}
+    policy = PolicyRecord(kind="KubeArmorPolicy", namespace="shop", name="audit-passwd", source="test",
+                          document=doc)
+    items = [(ct.policies, encode_key(policy.key), encode(policy))]
+    items += control_items(s, 1, "c-web", "web", "shop") + control_items(s, 2, "c-db", "db", "data")
+    raw = [
+        exec_batch(1, 100, b"/bin/sh", [b"sh", b"-c", b"id"], seq=0),
+        file_batch(1, 100, [b"/etc/hosts", b"/etc/passwd"], seq=1),
+        file_batch(2, 200, [b"/var/lib/db"] * 3, seq=2),
+        file_batch(2, 200, [b"/etc/shadow"] * 5, seq=3, flags=Flag.BLOCKED, ret=-13),  # 3 + summary
+        mixed_file_batch([(1, 100, b"/tmp/a"), (9, 900, b"/late")], seq=4),  # cgroup 9 gets metadata late
+        file_batch(7, 700, [b"/never"], seq=5),  # cgroup 7 never does: flagged after the wait
+        b"ASB1 definitely not a batch",
+    ]
+    asyncio.run(produce(s, items + [(s.raw_topic, NODE.encode(), r) for r in raw[:4]]))
+    asyncio.run(collect(s, {s.logs_topic: 5}))  # the worker is up and running
+    asyncio.run(produce(s, [(s.raw_topic, NODE.encode(), r) for r in raw[4:]]))
+    time.sleep(0.5)  # cgroup 9's events are waiting now
+    asyncio.run(produce(s, control_items(s, 9, "c-late", "late", "shop")))
+    got = asyncio.run(collect(s, {s.logs_topic: 8, s.alerts_topic: 5, s.dead_letter_topic: 1}))
+
+    logs = [(m.key.decode(), orjson.loads(m.value)) for m in got[s.logs_topic]]
+    alerts = [(m.key.decode(), orjson.loads(m.value)) for m in got[s.alerts_topic]]
+    summary = sorted((k, r["Operation"], r["Resource"]) for k, r in logs)
+    assert summary == sorted([
+        ("shop/web", "Process", "/bin/sh -c id"),
+        ("shop/web", "File", "/etc/hosts"),
+        ("shop/web", "File", "/tmp/a"),
+        *[("data/db", "File", "/var/lib/db")] * 3,
+        ("shop/late", "File", "/late"),
+        (NODE, "File", "/never"),
+    ]), logs
+    by_res = {r["Resource"]: r for _, r in logs}
+    assert by_res["/etc/hosts"]["ProcessName"] == "/bin/sh" and by_res["/etc/hosts"]["PodName"] == "web"
+    passwd = alerts.pop(0) if alerts[0][0] == "shop/web" else alerts.pop()
+    assert passwd[0] == "shop/web" and passwd[1]["Resource"] == "/etc/passwd"
+    fields = (passwd[1]["PolicyName"], passwd[1]["Severity"], passwd[1]["Action"], passwd[1]["Type"])
+    assert fields == ("audit-passwd", "5", "Audit", "MatchedPolicy")
+    assert by_res["/late"]["PodName"] == "late" and "MetadataMissing" not in by_res["/late"]
+    assert by_res["/never"]["MetadataMissing"] is True and "PodName" not in by_res["/never"]
+    assert [(k, r["Type"], r.get("Action"), r.get("Result")) for k, r in alerts] == (
+        [("data/db", "MatchedPolicy", "Block", "Permission denied")] * 3
+        + [("data/db", "SystemEvent", "Audit", "Passed")]
+    )
+    (dead,) = got[s.dead_letter_topic]
+    assert dead.value == b"ASB1 definitely not a batch"
+    headers = dict(dead.headers)
+    assert b"truncated" in headers["armorstream-error"]
+    assert headers["armorstream-origin"].startswith(b"armorstream.raw/")
+
+    # History: every event once (throttled alerts included), with its verdict and identity.
+    worker.stop()
+    with open_store(StoreConfig(path=worker.store_dir)) as store:
+        rows = store.rows("SELECT PodName, Resource, Action, Result, metadata_late FROM events "
+                          "ORDER BY PodName, Resource")
+    assert [tuple(r) for r in rows] == sorted([
+        ("", "/never", "Allow", "Passed", True),
+        ("db", "/etc/shadow", "Block", "Permission denied", False),
+        ("db", "/etc/shadow", "Block", "Permission denied", False),
+        ("db", "/etc/shadow", "Block", "Permission denied", False),
+        ("db", "/etc/shadow", "Block", "Permission denied", False),
+        ("db", "/etc/shadow", "Block", "Permission denied", False),
+        ("db", "/var/lib/db", "Allow", "Passed", False),
+        ("db", "/var/lib/db", "Allow", "Passed", False),
+        ("db", "/var/lib/db", "Allow", "Passed", False),
+        ("late", "/late", "Allow", "Passed", False),
+        ("web", "/bin/sh -c id", "Allow", "Passed", False),
+        ("web", "/etc/hosts", "Allow", "Passed", False),
+        ("web", "/etc/passwd", "Audit", "Passed", False),
+        ("web", "/tmp/a", "Allow", "Passed", False),
+    ])
+
+
+def test_restart_neither_loses_nor_repeats(worker: Worker) -> None:
+    """Offsets are committed only after delivery: a restarted worker resumes where the first stopped."""
+    s = worker.settings
+    items = control_items(s, 1, "c-web", "web", "shop")
+    first = [file_batch(1, 100, [f"/one/{i}".encode() for i in range(50)], seq=i) for i in range(4)]
+    asyncio.run(produce(s, items + [(s.raw_topic, NODE.encode(), r) for r in first]))
+    assert len(asyncio.run(collect(s, {s.logs_topic: 200}))[s.logs_topic]) == 200
+    asyncio.run(wait_committed(s))
+    worker.stop()
+    worker.start()
+    second = [file_batch(1, 100, [f"/two/{i}".encode() for i in range(50)], seq=10 + i) for i in range(2)]
+    asyncio.run(produce(s, [(s.raw_topic, NODE.encode(), r) for r in second]))
+    got = asyncio.run(collect(s, {s.logs_topic: 300}))[s.logs_topic]
+    resources = sorted(orjson.loads(m.value)["Resource"] for m in got)
+    assert resources == sorted([f"/one/{i}" for i in range(50)] * 4 + [f"/two/{i}" for i in range(50)] * 2)
+    asyncio.run(wait_committed(s))
+    worker.stop()
+    with open_store(StoreConfig(path=worker.store_dir)) as store:
+        assert store.rows("SELECT count(), uniqExact(batch_seq) FROM events") == [(300, 6)]
+
+
+def test_sigkill_mid_stream_loses_nothing_and_stores_once(worker: Worker) -> None:
+    """SIGKILL while batches flow, restart: every event reaches the SIEM topic (at least once)
+    and ClickHouse exactly once."""
+    s = worker.settings
+    n_batches, per = 40, 500
+    raw = [file_batch(1, 100, [f"/k/{b}/{i}".encode() for i in range(per)], seq=b) for b in range(n_batches)]
+    asyncio.run(produce(s, control_items(s, 1, "c-web", "web", "shop")))
+    asyncio.run(produce(s, [(s.raw_topic, NODE.encode(), r) for r in raw]))
+    asyncio.run(collect(s, {s.logs_topic: 2 * per}, timeout=20))  # mid-stream
+    worker.stop(signal.SIGKILL)
+    worker.start()
+    total = n_batches * per
+    got = asyncio.run(collect(s, {s.logs_topic: total}))[s.logs_topic]
+    resources = {orjson.loads(m.value)["Resource"] for m in got}
+    assert resources == {f"/k/{b}/{i}" for b in range(n_batches) for i in range(per)}
+    asyncio.run(wait_committed(s))
+    worker.stop()
+    with open_store(StoreConfig(path=worker.store_dir)) as store:
+        rows = store.rows("SELECT count(), uniqExact(batch_seq, event_index), uniqExact(Resource) "
+                          "FROM events")
+    assert rows == [(total, total, total)]
