@@ -1,13 +1,18 @@
 """Drain BPF ring buffers into per-kind batches of raw record bytes, ready for the envelope.
 
-No per-record Python objects: the ring-buffer callback appends bytes (sensor.libbpf),
-and a batch is (kind, bytes, count). Records the kernel could not reserve are read
+No per-record Python objects: the ring reader appends raw bytes per kind, and a batch is
+(kind, bytes, count). The reader maps the ring and walks it in batches (sensor.ringbuf);
+libbpf's per-record callback (sensor.libbpf.RingBuffer) is kept as the baseline and for
+machines where the mapped reader is not safe; `open_ring` picks one
+(ARMORSTREAM_RING_READER=callback forces the baseline). Records the kernel could not reserve are read
 from the per-CPU `as_drops` map and reported as LOST records in the same stream, so
 the loss is visible downstream and not only in a metric.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +22,29 @@ import numpy as np
 
 from enforcer.records import AS_SCHEMA_VERSION, DTYPES, LOST_DTYPE, Kind, Visibility
 from sensor.libbpf import PIN_ROOT, BpfError, Map, Object, RingBuffer
+from sensor.ringbuf import MmapRing, mmap_supported
 
-__all__ = ["BPF_OUTPUT", "Batch", "Drain", "ProcessMonitor", "boot_wall_ns"]
+__all__ = ["BPF_OUTPUT", "READERS", "Batch", "Drain", "ProcessMonitor", "Ring", "boot_wall_ns", "open_ring"]
 
 BPF_OUTPUT: Final = Path(__file__).resolve().parent.parent / "bpf" / ".output"
 _KIND_SLOTS: Final = 16  # AS_KIND_SLOTS in bpf/maps.bpf.h
+
+
+Ring = MmapRing | RingBuffer
+READERS: Final = ("mmap", "callback")
+
+
+def open_ring(maps: list[Map], high_water: int = 4 << 20, reader: str | None = None) -> Ring:
+    """A reader over `maps`: "mmap" (batch walk of the mapped ring, the default where it is
+    safe) or "callback" (libbpf's ring_buffer__poll, one Python call per record)."""
+    reader = (
+        reader or os.environ.get("ARMORSTREAM_RING_READER") or ("mmap" if mmap_supported() else "callback")
+    )
+    if reader == "mmap":
+        return MmapRing(maps, high_water)
+    if reader == "callback":
+        return RingBuffer(maps, high_water)
+    raise BpfError(f"unknown ring reader {reader!r} (choose from {', '.join(READERS)})", errno.EINVAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +63,7 @@ def boot_wall_ns() -> int:
 class Drain:
     """Turns what a RingBuffer collected into Batches; counts what it saw and what was lost."""
 
-    ring: RingBuffer
+    ring: Ring
     drops: Map | None = None  # as_drops (per CPU, by kind)
     seen: dict[int, int] = field(default_factory=dict)  # records per kind
     lost_kernel: dict[int, int] = field(default_factory=dict)  # reserve failures per kind
@@ -71,8 +94,7 @@ class Drain:
         if self.drops is None:
             return None
         recs = []
-        for kind in range(_KIND_SLOTS):
-            per_cpu = self.drops.lookup_percpu(kind.to_bytes(4, "little"))
+        for kind, per_cpu in enumerate(self.drops.lookup_all_percpu(_KIND_SLOTS)):  # one syscall per tick
             total = sum(int.from_bytes(v, "little") for v in per_cpu)
             delta = total - self.lost_kernel.get(kind, 0)
             if delta > 0:
@@ -120,7 +142,7 @@ class ProcessMonitor:
             self.obj.load()
             self.watched = self.obj.map("as_watched")
             self.obj.attach_all()
-            self.drain = Drain(RingBuffer([self.obj.map("as_proc_rb")], high_water), self.obj.map("as_drops"))
+            self.drain = Drain(open_ring([self.obj.map("as_proc_rb")], high_water), self.obj.map("as_drops"))
         except BaseException:
             self.obj.close()
             raise

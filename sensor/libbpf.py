@@ -70,6 +70,12 @@ _btf_find = _fn("btf__find_by_name_kind", ctypes.c_int32, _p, ctypes.c_char_p, c
 _btf_type = _fn("btf__type_by_id", _p, _p, ctypes.c_uint32)
 _btf_name = _fn("btf__name_by_offset", ctypes.c_char_p, _p, ctypes.c_uint32)
 _ncpus = _fn("libbpf_num_possible_cpus", ctypes.c_int)
+_lookup_batch = _fn(
+    "bpf_map_lookup_batch", ctypes.c_int, ctypes.c_int, _p, _p, _p, _p, ctypes.POINTER(ctypes.c_uint32), _p
+)
+_obj_info = _fn("bpf_obj_get_info_by_fd", ctypes.c_int, ctypes.c_int, _p, ctypes.POINTER(ctypes.c_uint32))
+
+BPF_MAP_TYPE_RINGBUF: Final = 27
 
 
 class BpfError(ArmorstreamError):
@@ -125,6 +131,13 @@ class Map:
     def fd(self) -> int:
         return _check(_map_fd(self._ptr), "map fd", self._where)
 
+    def kernel_info(self) -> tuple[int, int]:
+        """(map type, max_entries) as the kernel holds them: for a reused pin, the pinned map's."""
+        info = (ctypes.c_uint32 * 6)()  # struct bpf_map_info up to map_flags
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(_obj_info(self.fd, info, ctypes.byref(size)), "map info", self._where)
+        return info[0], info[4]
+
     def _key(self, key: bytes) -> ctypes.Array[ctypes.c_char]:
         if len(key) != self.key_size:
             raise BpfError(f"key of {len(key)} bytes, map wants {self.key_size}", errno.EINVAL, self._where)
@@ -151,6 +164,25 @@ class Map:
         if raw is None:
             return []
         return [raw[i * self._slot : i * self._slot + self.value_size] for i in range(self.ncpus)]
+
+    def lookup_all_percpu(self, n: int) -> list[list[bytes]]:
+        """Per-CPU values of keys 0..n-1 of a per-CPU array, in one syscall (BPF_MAP_LOOKUP_BATCH)."""
+        slot = self._slot * self.ncpus
+        keys = (ctypes.c_uint32 * n)()
+        values = ctypes.create_string_buffer(slot * n)
+        count = ctypes.c_uint32(n)
+        out = ctypes.c_uint32()
+        ret = _lookup_batch(self.fd, None, ctypes.byref(out), keys, values, ctypes.byref(count), None)
+        if ret < 0 and ret != -errno.ENOENT:  # ENOENT: the array ended (count says how many)
+            raise BpfError("lookup batch", ret, self._where)
+        raw = values.raw
+        return [
+            [
+                raw[k * slot + c * self._slot : k * slot + c * self._slot + self.value_size]
+                for c in range(self.ncpus)
+            ]
+            for k in range(count.value)
+        ]
 
     def delete(self, key: bytes) -> bool:
         ret = _delete(self.fd, self._key(key))

@@ -24,8 +24,8 @@ from typing import ClassVar, Final, Protocol
 from enforcer.errors import ArmorstreamError
 from enforcer.records import Visibility
 from sensor import libbpf
-from sensor.drain import BPF_OUTPUT, Drain, ProcessMonitor
-from sensor.libbpf import PIN_ROOT, BpfError, Object, RingBuffer
+from sensor.drain import BPF_OUTPUT, Drain, ProcessMonitor, open_ring
+from sensor.libbpf import PIN_ROOT, BpfError, Object
 
 __all__ = [
     "MONITORS",
@@ -101,7 +101,7 @@ class Monitor:
         self.obj = self._load(pin_dir, host_visibility, ring_bytes, self._programs())
         try:
             self.watched = self.obj.map("as_watched")
-            self.drain = Drain(RingBuffer([self.obj.map(self.RING)], high_water), self.obj.map("as_drops"))
+            self.drain = Drain(open_ring([self.obj.map(self.RING)], high_water), self.obj.map("as_drops"))
         except BaseException:
             self.obj.close()
             raise
