@@ -27,10 +27,10 @@ from pathlib import Path
 
 from enforcer.records import Visibility
 from sensor.agent import build_objects
-from sensor.drain import Drain, ProcessMonitor, Ring
+from sensor.drain import Drain, Ring
 from sensor.identity import cgroup2_mount
 from sensor.libbpf import Map, RingBuffer, ensure_bpffs
-from sensor.monitors import FileMonitor
+from sensor.monitors import FileMonitor, ProcessMonitor
 from sensor.ringbuf import MmapRing
 
 OPEN_STORM = """

@@ -20,11 +20,11 @@ from typing import Final
 
 import numpy as np
 
-from enforcer.records import AS_SCHEMA_VERSION, DTYPES, LOST_DTYPE, Kind, Visibility
-from sensor.libbpf import PIN_ROOT, BpfError, Map, Object, RingBuffer
+from enforcer.records import AS_SCHEMA_VERSION, DTYPES, LOST_DTYPE, Kind
+from sensor.libbpf import BpfError, Map, RingBuffer
 from sensor.ringbuf import MmapRing, mmap_supported
 
-__all__ = ["BPF_OUTPUT", "READERS", "Batch", "Drain", "ProcessMonitor", "Ring", "boot_wall_ns", "open_ring"]
+__all__ = ["BPF_OUTPUT", "READERS", "Batch", "Drain", "Ring", "boot_wall_ns", "open_ring"]
 
 BPF_OUTPUT: Final = Path(__file__).resolve().parent.parent / "bpf" / ".output"
 _KIND_SLOTS: Final = 16  # AS_KIND_SLOTS in bpf/maps.bpf.h
@@ -110,55 +110,3 @@ class Drain:
         names = {int(k): k.name for k in Kind}
         h["comm"] = [names.get(k, str(k)).encode() for k, _ in recs]  # the kind that was lost
         return Batch(Kind.LOST, arr.tobytes(), len(recs))
-
-
-class ProcessMonitor:
-    """bpf/process.bpf.c loaded and attached: exec, fork and exit of watched cgroups.
-
-    Maps are pinned in `pin_dir`, so a restarted sensor finds the watched set, the drop
-    counters and any unread records where it left them.
-    """
-
-    OBJECT: Final = "process.bpf.o"
-
-    def __init__(
-        self,
-        *,
-        pin_dir: Path = PIN_ROOT,
-        host_visibility: int = 0,  # enum as_visibility bits for host tasks
-        objects: Path = BPF_OUTPUT,
-        high_water: int = 4 << 20,
-        ring_bytes: int | None = None,  # ring buffer size; default: as compiled (4 MiB)
-    ) -> None:
-        path = objects / self.OBJECT
-        if not path.exists():
-            raise BpfError(f"{path} not built (run: make -C bpf)", 2)
-        self.obj = Object(path)
-        try:
-            self.obj.set_global("as_host_visible", host_visibility.to_bytes(4, "little"))
-            if ring_bytes is not None:
-                self.obj.map("as_proc_rb").set_max_entries(ring_bytes)
-            self.obj.pin_maps(pin_dir, ["as_watched", "as_drops", "as_proc_rb"])
-            self.obj.load()
-            self.watched = self.obj.map("as_watched")
-            self.obj.attach_all()
-            self.drain = Drain(open_ring([self.obj.map("as_proc_rb")], high_water), self.obj.map("as_drops"))
-        except BaseException:
-            self.obj.close()
-            raise
-
-    def watch(self, cgroup_id: int, visibility: Visibility = Visibility.PROCESS) -> None:
-        self.watched.update(cgroup_id.to_bytes(8, "little"), int(visibility).to_bytes(4, "little"))
-
-    def unwatch(self, cgroup_id: int) -> bool:
-        return self.watched.delete(cgroup_id.to_bytes(8, "little"))
-
-    def close(self) -> None:
-        self.drain.ring.close()
-        self.obj.close()
-
-    def __enter__(self) -> ProcessMonitor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -1,8 +1,8 @@
-"""File, network and capability monitors: bpf/file.bpf.c, net.bpf.c and cap.bpf.c loaded and
+"""The kernel monitors: bpf/process.bpf.c, file.bpf.c, net.bpf.c and cap.bpf.c loaded and
 attached, each draining its own ring buffer into Batches (sensor.drain).
 
-They follow ProcessMonitor's shape: constructed with the pin directory and the host
-visibility bits, `watch(cgroup_id, visibility)`, `drain.poll()`, `close()`. Every object
+Each is constructed with the pin directory and the host visibility bits, and offers
+`watch(cgroup_id, visibility)`, `drain.poll()`, `close()`. Every object
 pins the same `as_watched` and `as_drops` maps in the pin directory, so one `watch()`
 sets a cgroup's visibility for every monitor (the value is the whole bit set, last
 writer wins: watch once with all the bits the workload wants).
@@ -24,7 +24,7 @@ from typing import ClassVar, Final, Protocol
 from enforcer.errors import ArmorstreamError
 from enforcer.records import Visibility
 from sensor import libbpf
-from sensor.drain import BPF_OUTPUT, Drain, ProcessMonitor, open_ring
+from sensor.drain import BPF_OUTPUT, Drain, open_ring
 from sensor.libbpf import PIN_ROOT, BpfError, Object
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Monitor",
     "MonitorUnavailable",
     "NetMonitor",
+    "ProcessMonitor",
     "Unavailable",
     "ensure_tracefs",
     "open_monitors",
@@ -156,6 +157,19 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ProcessMonitor(Monitor):
+    """exec, fork and exit of watched cgroups (tp_btf: needs no tracefs, but mounting it is harmless).
+
+    Maps are pinned in `pin_dir`, so a restarted sensor finds the watched set, the drop
+    counters and any unread records where it left them.
+    """
+
+    NAME = "process"
+    OBJECT = "process.bpf.o"
+    RING = "as_proc_rb"
+    VISIBILITY = Visibility.PROCESS
 
 
 class FileMonitor(Monitor):

@@ -38,7 +38,7 @@ def cgroup2_root() -> Path | None:
 
 @dataclass
 class Env:
-    mon: object  # sensor.drain.ProcessMonitor
+    mon: object  # sensor.monitors.ProcessMonitor
     cgroup: Path
     cgroup_id: int
     pin_dir: Path
@@ -55,8 +55,8 @@ def env() -> Iterator[Env]:
     assert cg_root is not None
     subprocess.run(["make", "-s", "-C", str(ROOT / "bpf"), ".output/process.bpf.o"], check=True)
 
-    from sensor.drain import ProcessMonitor
     from sensor.libbpf import ensure_bpffs
+    from sensor.monitors import ProcessMonitor
 
     ensure_bpffs()
     run = uuid.uuid4().hex
@@ -203,7 +203,7 @@ def test_unwatched_cgroup_is_silent(env: Env, tmp_path: Path) -> None:
 
 
 def test_full_ring_is_counted_and_reported(env: Env, tmp_path: Path) -> None:
-    from sensor.drain import ProcessMonitor
+    from sensor.monitors import ProcessMonitor
 
     env.mon.close()  # type: ignore[attr-defined]
     # One page of ring: three exec records fit, the rest of the storm must be counted.
@@ -232,7 +232,7 @@ def test_full_ring_is_counted_and_reported(env: Env, tmp_path: Path) -> None:
 
 
 def test_pinned_state_survives_restart(env: Env, tmp_path: Path) -> None:
-    from sensor.drain import ProcessMonitor
+    from sensor.monitors import ProcessMonitor
 
     run_in_cgroup(env.cgroup, tmp_path, "/bin/true", "before-restart")  # left unread in the ring
     env.mon.close()  # type: ignore[attr-defined]

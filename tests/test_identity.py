@@ -275,8 +275,8 @@ def test_identity_from_kernel_records(tree: Tree, layout: str, tmp_path: Path) -
     subprocess.run(["make", "-s", "-C", str(ROOT / "bpf"), ".output/process.bpf.o"], check=True)
     from enforcer import records
     from enforcer.records import Kind
-    from sensor.drain import ProcessMonitor
     from sensor.libbpf import ensure_bpffs
+    from sensor.monitors import ProcessMonitor
 
     ensure_bpffs()
     uid, cid = str(uuid.uuid4()), uuid.uuid4().hex + uuid.uuid4().hex

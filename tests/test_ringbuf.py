@@ -186,8 +186,8 @@ def sh_in(cgroup: Path, script: str, *args: str) -> None:
 @pytest.mark.root
 @pytest.mark.kernel
 def test_mmap_reader_equals_callback_reader() -> None:
-    from sensor.drain import ProcessMonitor
     from sensor.libbpf import RingBuffer
+    from sensor.monitors import ProcessMonitor
     from sensor.ringbuf import MmapRing
 
     n = 40
