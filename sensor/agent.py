@@ -66,7 +66,7 @@ NO_VISIBILITY: Final = Visibility(0)
 # (name, visibility bit, "module:class"). Each class takes pin_dir= and host_visibility= and
 # has .drain (sensor.drain.Drain), .watch(cgroup_id, visibility), .unwatch(cgroup_id), .close().
 MONITORS: Final = (
-    ("process", Visibility.PROCESS, "sensor.drain:ProcessMonitor"),
+    ("process", Visibility.PROCESS, "sensor.monitors:ProcessMonitor"),
     ("file", Visibility.FILE, "sensor.monitors:FileMonitor"),
     ("network", Visibility.NETWORK, "sensor.monitors:NetMonitor"),
     ("capabilities", Visibility.CAPABILITIES, "sensor.monitors:CapMonitor"),
