@@ -49,6 +49,10 @@ enum as_flag {
 	AS_F_AUDITED = 1 << 3,    /* a kernel audit rule matched */
 	AS_F_HOST = 1 << 4,       /* process is in the host's namespaces */
 	AS_F_POSTURE = 1 << 5,    /* decided by default posture, not a rule */
+	/* Which fast-path backend decided a BLOCKED/AUDITED record (the alert's Enforcer). */
+	AS_F_ENF_BPFLSM = 1 << 6,
+	AS_F_ENF_FANOTIFY = 1 << 7,
+	AS_F_ENF_CGROUP = 1 << 8,
 };
 
 /* Network operations (as_net_rec.op). Never reuse a number. */

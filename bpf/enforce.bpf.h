@@ -35,6 +35,11 @@ struct {
 	__type(value, struct as_rule_val);
 } as_cap_rules SEC(".maps");
 
+/* Each object that includes this header names itself: AS_F_ENF_BPFLSM or AS_F_ENF_CGROUP. */
+#ifndef AS_ENF_SOURCE
+#error "define AS_ENF_SOURCE (an AS_F_ENF_* flag) before including enforce.bpf.h"
+#endif
+
 /* Denials and audits of the fast path, as ordinary records with AS_F_BLOCKED/AUDITED. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -168,6 +173,9 @@ static __always_inline void as_fill_hdr(struct as_hdr *hdr, __u16 kind, __u32 si
 	hdr->uid = (__u32)uid_gid;
 	hdr->gid = uid_gid >> 32;
 	hdr->ret = ret;
+	/* A decided record names its backend, so the alert's Enforcer field can. */
+	if (flags & (AS_F_BLOCKED | AS_F_AUDITED))
+		flags |= AS_ENF_SOURCE;
 	hdr->flags = flags | (level == 0 ? AS_F_HOST : 0);
 	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
 }

@@ -16,6 +16,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
+#define AS_ENF_SOURCE AS_F_ENF_BPFLSM
 #include "enforce.bpf.h"
 
 #define AS_EPERM 1

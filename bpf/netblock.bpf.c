@@ -9,6 +9,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#define AS_ENF_SOURCE AS_F_ENF_CGROUP
 #include "enforce.bpf.h"
 
 SEC("cgroup/sock_create")

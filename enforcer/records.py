@@ -77,6 +77,9 @@ class Flag(IntFlag):
     AUDITED = 1 << 3
     HOST = 1 << 4
     POSTURE = 1 << 5
+    ENF_BPFLSM = 1 << 6  # the backend that decided a BLOCKED/AUDITED record
+    ENF_FANOTIFY = 1 << 7
+    ENF_CGROUP = 1 << 8
 
 
 class NetOp(IntEnum):

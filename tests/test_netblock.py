@@ -139,6 +139,7 @@ def test_raw_socket_blocked_in_one_cgroup_only(cgroups: Cgroups) -> None:
         r = recs[0]
         assert r["hdr"]["cgroup_id"] == cgroups.a_id and r["hdr"]["kind"] == Kind.NET
         assert r["hdr"]["flags"] & Flag.BLOCKED and not r["hdr"]["flags"] & Flag.POSTURE
+        assert r["hdr"]["flags"] & Flag.ENF_CGROUP  # the alert names CgroupBPF
         assert r["hdr"]["ret"] < 0 and r["hdr"]["comm"].startswith(b"python")
         assert (r["op"], r["family"], r["type"], r["protocol"]) == (
             NetOp.SOCKET,

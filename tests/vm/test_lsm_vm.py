@@ -37,7 +37,9 @@ def guest() -> dict[str, Any]:
 
 
 def blocked_records(guest: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [r for r in guest["records"] if r["kind"] == kind and r["flags"] & Flag.BLOCKED and r["cgroup"]]
+    recs = [r for r in guest["records"] if r["kind"] == kind and r["flags"] & Flag.BLOCKED and r["cgroup"]]
+    assert all(r["flags"] & Flag.ENF_BPFLSM for r in recs)  # the alert's Enforcer is BPFLSM
+    return recs
 
 
 def test_exec(guest: dict[str, Any]) -> None:
