@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,14 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from armorstream.embedded_broker import TansuBroker  # noqa: E402
-from enforcer.control import ContainerRecord, ControlTopics, encode, encode_key  # noqa: E402
+from enforcer.control import CgroupRecord, ContainerRecord, ControlTopics, encode, encode_key  # noqa: E402
 from enforcer.envelope import encode_batch  # noqa: E402
 from enforcer.records import FILE_DTYPE, Kind  # noqa: E402
 from stream.app import StreamSettings  # noqa: E402
-from stream.join import cgroup_key, encode_cgroup  # noqa: E402
 from stream.topics import ensure_topics  # noqa: E402
 
 NODE = "bench-node"
+PROGRESS = bool(os.environ.get("BENCH_PROFILE") or os.environ.get("BENCH_PROGRESS"))
 PODS = 8
 BOOT = time.time_ns() - 10**12  # recent: the store keeps 30 days
 
@@ -69,18 +70,33 @@ async def control(s: StreamSettings) -> None:
         rec = ContainerRecord(cid, "containerd", "bench", f"pod{k}", f"u{k}", "main", "img:1", NODE,
                               {"app": f"pod{k}"})
         await p.send(ct.containers, encode(rec), key=encode_key(cid))
-        cg = 100 + k
-        await p.send(ct.prefix + "control.cgroups", encode_cgroup(NODE, cg, cid), key=cgroup_key(NODE, cg))
+        cg = CgroupRecord(NODE, 100 + k, cid, f"u{k}", "containerd")
+        await p.send(ct.cgroups, encode(cg), key=encode_key(cg.key))
     await p.stop()
 
 
-async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes) -> float:
-    """Send a warm-up message, wait for its log, then time `msgs` until `want` more logs exist."""
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes,
+                   pids: dict[str, int] | None = None) -> tuple[float, dict[str, float]]:
+    """Send a warm-up message, wait for its log, then time `msgs` until `want` more logs exist.
+    Returns the seconds and the CPU seconds each of `pids` used meanwhile."""
     p = AIOKafkaProducer(bootstrap_servers=s.broker, linger_ms=5, max_batch_size=1 << 20,
                          max_request_size=8 << 20)
     c = AIOKafkaConsumer(s.logs_topic, bootstrap_servers=s.broker, group_id=None,
                          auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
-                         max_partition_fetch_bytes=32 << 20)
+                         max_partition_fetch_bytes=32 << 20, fetch_max_wait_ms=50)  # tansu holds each fetch
     await p.start()
     await c.start()
     try:
@@ -91,19 +107,22 @@ async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes)
             if time.monotonic() > deadline:
                 raise SystemExit("worker did not start")
             seen += sum(len(m) for m in (await c.getmany(timeout_ms=200)).values())
+        pids = {**(pids or {}), "bench (producer + consumer)": os.getpid()}
+        cpu0 = {k: cpu_s(p) for k, p in pids.items()}
         t0 = time.perf_counter()
         for m in msgs:
             await p.send(s.raw_topic, m, key=NODE.encode())
         await p.flush()
-        if os.environ.get("BENCH_PROFILE"):
+        if PROGRESS:
             print(f"  produced {len(msgs)} messages in {time.perf_counter() - t0:.2f} s")
         target = seen + want
         marks = [seen + want // 10 * k for k in range(1, 11)]
         while seen < target:
             seen += sum(len(m) for m in (await c.getmany(timeout_ms=200, max_records=100_000)).values())
-            while marks and seen >= marks[0] and os.environ.get("BENCH_PROFILE"):
+            while marks and seen >= marks[0] and PROGRESS:
                 print(f"  {marks.pop(0) - target + want} logs at {time.perf_counter() - t0:.2f} s")
-        return time.perf_counter() - t0
+        secs = time.perf_counter() - t0
+        return secs, {k: cpu_s(p) - cpu0[k] for k, p in pids.items()}
     finally:
         await c.stop()
         await p.stop()
@@ -111,7 +130,7 @@ async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes)
 
 def processing_only(msgs: list[bytes], events: int) -> float:
     """The worker's per-batch work alone (decode, join, verdicts, JSON), no Kafka: the CPU bound."""
-    from stream.worker import BatchProcessor
+    from stream.worker import BatchProcessor, RawMessage
 
     p = BatchProcessor()
     for k in range(PODS):
@@ -122,8 +141,8 @@ def processing_only(msgs: list[bytes], events: int) -> float:
         p.state.put_cgroup(NODE, 100 + k, cid)
     p.verdicts.rebuild(p.state.view)
     t0 = time.perf_counter()
-    for m in msgs:
-        p.process(m)
+    for i in range(0, len(msgs), 64):  # steps of --take-max messages, as the worker takes them
+        p.process_many([RawMessage(m) for m in msgs[i : i + 64]])
     return events / (time.perf_counter() - t0)
 
 
@@ -133,10 +152,10 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def stop(p: subprocess.Popen[bytes]) -> None:
-    p.terminate()
+def stop(p: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    p.send_signal(sig)  # py-spy writes its profile on SIGINT
     try:
-        p.wait(10)
+        p.wait(20)
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
@@ -179,6 +198,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/armorstream-bench-stream"))
     ap.add_argument("--no-clickhouse", action="store_true",
                     help="armorstream without its chdb history (SIEM topics only)")
+    ap.add_argument("--py-spy", type=Path, default=None, metavar="SVG",
+                    help="sample the armorstream worker with py-spy (collapsed stacks)")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     with TansuBroker() as b:
@@ -194,7 +215,7 @@ def main() -> None:
         w = start([sys.executable, __file__, "--naive-worker"], a.workdir / "naive.log")
         try:
             naive_msgs = batches(a.naive_events, 1)
-            naive_s = asyncio.run(run_load(base, naive_msgs, a.naive_events, batches(1, 1)[0]))
+            naive_s, _ = asyncio.run(run_load(base, naive_msgs, a.naive_events, batches(1, 1)[0]))
         finally:
             stop(w)
         # BENCH_PROFILE=1: profile the worker (cProfile) and print progress marks
@@ -207,12 +228,19 @@ def main() -> None:
             store = a.workdir / "ch"
             shutil.rmtree(store, ignore_errors=True)
             cmd += ["--clickhouse", f"chdb:{store}"]
+        if a.py_spy:
+            spy = Path(sys.executable).parent / "py-spy"
+            cmd = [str(spy), "record", "--nonblocking", "-r", "100", "-f", "raw",
+                   "-o", str(a.py_spy.resolve()), "--", *cmd]
         w = start(cmd, a.workdir / "stream.log")
         try:
             msgs = batches(a.events, a.batch)
-            cand_s = asyncio.run(run_load(cand, msgs, a.events, batches(1, 1)[0]))
+            assert b.proc is not None
+            pids = {"armorstream worker": w.pid, "tansu broker": b.proc.pid}
+            cand_s, cpu = asyncio.run(run_load(cand, msgs, a.events, batches(1, 1)[0], pids))
+            rss, peak = rss_mib(w.pid), rss_mib(w.pid, "VmHWM")
         finally:
-            stop(w)
+            stop(w, signal.SIGINT if a.py_spy else signal.SIGTERM)
     naive_rate, cand_rate = a.naive_events / naive_s, a.events / cand_s
     alone = processing_only(batches(a.events, a.batch), a.events)
     cand_name = f"armorstream, {a.batch} events/message" + ("" if a.no_clickhouse else " + chdb")
@@ -220,6 +248,11 @@ def main() -> None:
                                 (cand_name, a.events, cand_s, cand_rate)):
         print(f"{name:<36} {n:>8} events in {secs:6.2f} s = {rate:>10,.0f} ev/s")
     print(f"ratio: {cand_rate / naive_rate:.1f}x (target >= 100x)")
+    print(f"CPU seconds while armorstream ran ({cand_s:.2f} s on {os.cpu_count()} cores): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    worker_cpu = cpu["armorstream worker"]
+    print(f"worker: {a.events / worker_cpu:,.0f} events per CPU-second (its rate with a core of its own), "
+          f"RSS {rss:.0f} MiB (peak {peak:.0f} MiB)" + (" [py-spy's, not the worker's]" if a.py_spy else ""))
     print(f"(armorstream's per-batch processing alone, no Kafka: {alone:,.0f} ev/s; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 

@@ -16,6 +16,12 @@ Topics and keys:
   nodes       node name                               -> NodeRecord
   policies    policy_key(kind, namespace, name)       -> PolicyRecord
   bindings    container id, or "node/<name>"          -> BindingRecord
+  cgroups     cgroup_key(node, cgroup id)             -> CgroupRecord
+
+The cgroups topic is published by each node's sensor, not by the controller: it
+maps the cgroup id the kernel stamps on every record to the container running
+in it, which is how the stream joins events to pod metadata. It carries no
+snapshots (every node owns its own keys), so it is not part of `ControlTopics.all()`.
 
 A binding is the resolved answer to "which policies apply here", recomputed by the
 controller whenever a pod, namespace, node or policy changes, so a cluster policy
@@ -36,6 +42,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "SNAPSHOT_KEY",
     "BindingRecord",
+    "CgroupRecord",
     "ContainerRecord",
     "ControlError",
     "ControlRecord",
@@ -46,11 +53,13 @@ __all__ = [
     "Owner",
     "PolicyRecord",
     "SnapshotMarker",
+    "cgroup_key",
     "decode",
     "decode_key",
     "encode",
     "encode_key",
     "node_binding_key",
+    "parse_cgroup_key",
     "policy_key",
 ]
 
@@ -95,7 +104,13 @@ class ControlTopics:
     def bindings(self) -> str:
         return f"{self.prefix}control.bindings"
 
+    @property
+    def cgroups(self) -> str:
+        """Published by the sensors (one key per node and cgroup), not by the controller."""
+        return f"{self.prefix}control.cgroups"
+
     def all(self) -> tuple[str, ...]:
+        """The controller's topics (the tables of `ControlView`, snapshots included)."""
         return (self.containers, self.namespaces, self.nodes, self.policies, self.bindings)
 
     def table_of(self, topic: str) -> str:
@@ -118,6 +133,18 @@ def policy_key(kind: str, namespace: str | None, name: str) -> str:
 
 def node_binding_key(node: str) -> str:
     return f"node/{node}"
+
+
+def cgroup_key(node: str, cgroup_id: int) -> str:
+    """`node/cgroup_id`: node names are DNS names, so the last '/' splits it back."""
+    return f"{node}/{cgroup_id}"
+
+
+def parse_cgroup_key(key: str) -> tuple[str, int]:
+    node, _, cg = key.rpartition("/")
+    if not node or not cg.isdigit():
+        raise ControlError(f"cgroup key {key[:80]!r} is not node/cgroup_id")
+    return node, int(cg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +214,23 @@ class BindingRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CgroupRecord:
+    """One cgroup of a node and the container running in it (the sensor reads it from the
+    cgroup path). Removed with a tombstone when the cgroup goes away."""
+
+    node: str
+    cgroup_id: int  # the kernel's cgroup id (kernfs inode), as in every raw record's header
+    container_id: str  # without the runtime prefix
+    pod_uid: str = ""  # "" for containers outside Kubernetes
+    runtime: str = ""  # "containerd", "cri-o", "docker", "podman"; "" when the path does not say
+    path: str = ""  # the cgroup path under the cgroup2 root, for people reading the topic
+
+    @property
+    def key(self) -> str:
+        return cgroup_key(self.node, self.cgroup_id)
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotMarker:
     snapshot: str  # id shared by the begin and end markers of one snapshot
     phase: Literal["begin", "end"]
@@ -201,7 +245,17 @@ _TYPE_OF: Final[dict[type, str]] = {
     NodeRecord: "node",
     PolicyRecord: "policy",
     BindingRecord: "binding",
+    CgroupRecord: "cgroup",
     SnapshotMarker: "snapshot",
+}
+_TYPES: Final = frozenset(_TYPE_OF.values())
+# The table each record type belongs to: a record on another table's topic is rejected.
+_TABLE_OF: Final[dict[type, str]] = {
+    ContainerRecord: "containers",
+    NamespaceRecord: "namespaces",
+    NodeRecord: "nodes",
+    PolicyRecord: "policies",
+    BindingRecord: "bindings",
 }
 
 
@@ -218,7 +272,7 @@ def decode_key(key: bytes | None) -> str:
         raise ControlError(f"control record key is not UTF-8: {key[:40]!r}") from e
 
 
-def encode(record: ControlRecord | SnapshotMarker | None) -> bytes | None:
+def encode(record: ControlRecord | CgroupRecord | SnapshotMarker | None) -> bytes | None:
     """JSON bytes for a record; None (a tombstone) stays None."""
     if record is None:
         return None
@@ -249,6 +303,11 @@ def encode(record: ControlRecord | SnapshotMarker | None) -> bytes | None:
             }
         case BindingRecord():
             body = {"target": record.target, "policies": list(record.policies)}
+        case CgroupRecord():
+            body = {
+                "node": record.node, "cgroup_id": record.cgroup_id, "container_id": record.container_id,
+                "pod_uid": record.pod_uid, "runtime": record.runtime, "path": record.path,
+            }
         case SnapshotMarker():
             body = {"snapshot": record.snapshot, "phase": record.phase, "count": record.count}
     body["v"] = VERSION
@@ -259,14 +318,62 @@ def encode(record: ControlRecord | SnapshotMarker | None) -> bytes | None:
         raise ControlError(f"cannot encode {body['type']} record: {e}") from e
 
 
-def _labels(v: object, what: str) -> dict[str, str]:
-    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-        raise ControlError(f"{what}: labels must map strings to strings")
-    return v
+class _Fields:
+    """Typed reads of one decoded JSON object: a missing or mistyped field is a ControlError."""
+
+    __slots__ = ("d", "what")
+
+    def __init__(self, d: dict[str, Any], what: str) -> None:
+        self.d = d
+        self.what = what
+
+    def _get(self, name: str) -> object:
+        if name not in self.d:
+            raise ControlError(f"{self.what} record lacks field {name!r}")
+        return self.d[name]
+
+    def _bad(self, name: str, want: str) -> ControlError:
+        return ControlError(f"{self.what} record: {name} must be {want}, not {type(self.d[name]).__name__}")
+
+    def text(self, name: str) -> str:
+        v = self._get(name)
+        if not isinstance(v, str):
+            raise self._bad(name, "a string")
+        return v
+
+    def opt_text(self, name: str) -> str | None:
+        v = self._get(name)
+        if v is not None and not isinstance(v, str):
+            raise self._bad(name, "a string or null")
+        return v
+
+    def count(self, name: str) -> int:
+        v = self._get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise self._bad(name, "a non-negative integer")
+        return v
+
+    def labels(self, name: str = "labels") -> dict[str, str]:
+        v = self._get(name)
+        if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+            raise ControlError(f"{self.what} record: {name} must map strings to strings")
+        return v
+
+    def texts(self, name: str) -> tuple[str, ...]:
+        v = self._get(name)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise self._bad(name, "a list of strings")
+        return tuple(v)
+
+    def sub(self, name: str) -> _Fields | None:
+        v = self._get(name)
+        if v is not None and not isinstance(v, dict):
+            raise self._bad(name, "an object or null")
+        return None if v is None else _Fields(v, f"{self.what} {name}")
 
 
-def decode(value: bytes | None) -> ControlRecord | SnapshotMarker | None:
-    """The record in a message value; None for a tombstone. Raises ControlError, never KeyError."""
+def decode(value: bytes | None) -> ControlRecord | CgroupRecord | SnapshotMarker | None:
+    """The record in a message value; None for a tombstone. Raises ControlError and nothing else."""
     if value is None:
         return None
     try:
@@ -278,41 +385,50 @@ def decode(value: bytes | None) -> ControlRecord | SnapshotMarker | None:
     if d.get("v") != VERSION:
         raise ControlError(f"control record version {d.get('v')!r} is not supported (expected {VERSION})")
     kind = d.get("type")
-    try:
-        match kind:
-            case "container":
-                o = d["owner"]
-                return ContainerRecord(
-                    container_id=d["container_id"], runtime=d["runtime"], namespace=d["namespace"],
-                    pod=d["pod"], pod_uid=d["pod_uid"], container=d["container"], image=d["image"],
-                    node=d["node"], labels=_labels(d["labels"], "container"),
-                    owner=None if o is None else Owner(o["ref"], o["name"], o["namespace"]),
-                )
-            case "namespace":
-                return NamespaceRecord(
-                    name=d["name"], labels=_labels(d["labels"], "namespace"),
-                    file_posture=d["file_posture"], network_posture=d["network_posture"],
-                    capabilities_posture=d["capabilities_posture"], visibility=d["visibility"],
-                )
-            case "node":
-                return NodeRecord(name=d["name"], labels=_labels(d["labels"], "node"))
-            case "policy":
-                if not isinstance(d["document"], dict):
-                    raise ControlError("policy record: document must be an object")
-                return PolicyRecord(
-                    kind=d["kind"], namespace=d["namespace"], name=d["name"], document=d["document"],
-                    source=d["source"], uid=d["uid"], resource_version=d["resource_version"],
-                )
-            case "binding":
-                return BindingRecord(target=d["target"], policies=tuple(d["policies"]))
-            case "snapshot":
-                if d["phase"] not in ("begin", "end"):
-                    raise ControlError(f"snapshot marker phase {d['phase']!r} is not begin or end")
-                return SnapshotMarker(snapshot=d["snapshot"], phase=d["phase"], count=int(d["count"]))
-            case _:
-                raise ControlError(f"unknown control record type {kind!r}")
-    except KeyError as e:
-        raise ControlError(f"{kind} record lacks field {e.args[0]!r}") from e
+    if not isinstance(kind, str) or kind not in _TYPES:
+        raise ControlError(f"unknown control record type {kind!r}")
+    f = _Fields(d, kind)
+    match kind:
+        case "container":
+            o = f.sub("owner")
+            return ContainerRecord(
+                container_id=f.text("container_id"), runtime=f.text("runtime"), namespace=f.text("namespace"),
+                pod=f.text("pod"), pod_uid=f.text("pod_uid"), container=f.text("container"),
+                image=f.text("image"), node=f.text("node"), labels=f.labels(),
+                owner=None if o is None else Owner(o.text("ref"), o.text("name"), o.text("namespace")),
+            )
+        case "namespace":
+            return NamespaceRecord(
+                name=f.text("name"), labels=f.labels(), file_posture=f.opt_text("file_posture"),
+                network_posture=f.opt_text("network_posture"),
+                capabilities_posture=f.opt_text("capabilities_posture"), visibility=f.opt_text("visibility"),
+            )
+        case "node":
+            return NodeRecord(name=f.text("name"), labels=f.labels())
+        case "policy":
+            doc = f.sub("document")
+            if doc is None:
+                raise ControlError("policy record: document must be an object")
+            return PolicyRecord(
+                kind=f.text("kind"), namespace=f.opt_text("namespace"), name=f.text("name"), document=doc.d,
+                source=f.text("source"), uid=f.text("uid"), resource_version=f.text("resource_version"),
+            )
+        case "binding":
+            return BindingRecord(target=f.text("target"), policies=f.texts("policies"))
+        case "cgroup":
+            return CgroupRecord(
+                node=f.text("node"), cgroup_id=f.count("cgroup_id"), container_id=f.text("container_id"),
+                pod_uid=f.text("pod_uid"), runtime=f.text("runtime"), path=f.text("path"),
+            )
+        case _:  # "snapshot"
+            match f.text("phase"):
+                case "begin":
+                    phase: Literal["begin", "end"] = "begin"
+                case "end":
+                    phase = "end"
+                case other:
+                    raise ControlError(f"snapshot marker phase {other!r} is not begin or end")
+            return SnapshotMarker(snapshot=f.text("snapshot"), phase=phase, count=f.count("count"))
 
 
 @dataclass
@@ -341,6 +457,9 @@ class ControlView:
         table = self.topics.table_of(topic)
         k = decode_key(key)
         rec = decode(value)
+        if isinstance(rec, CgroupRecord) or (
+                rec is not None and not isinstance(rec, SnapshotMarker) and _TABLE_OF[type(rec)] != table):
+            raise ControlError(f"a {_TYPE_OF[type(rec)]} record on {topic} (key {k[:80]!r}) is misplaced")
         rows = self.tables[table]
         if isinstance(rec, SnapshotMarker):
             shadow = self._shadows.get(table)

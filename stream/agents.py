@@ -25,13 +25,15 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
 import faust
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 
 from enforcer.control import ControlError
@@ -40,7 +42,7 @@ from stream.alerts import AlertThrottle, SiemEncoder
 from stream.app import StreamSettings, make_app
 from stream.join import AckToken, LateBuffer, MetadataState
 from stream.topics import StreamTopics
-from stream.worker import BatchProcessor, Group, Output, groups_table
+from stream.worker import BatchProcessor, Group, Output, RawMessage, groups_table
 
 __all__ = ["ClickHouseHistory", "Sink", "StreamError", "StreamRuntime", "build"]
 
@@ -161,7 +163,7 @@ class StreamRuntime(mode.Service):
                 for m in msgs:
                     try:
                         state.apply(tp.topic, m.key, m.value)
-                    except (ControlError, ValueError) as e:
+                    except ControlError as e:
                         where = f"{tp.topic}/{tp.partition}/{m.offset}"
                         log.warning("control record %s skipped: %s", where, e)
                         continue
@@ -254,23 +256,62 @@ class StreamRuntime(mode.Service):
         n = self._partitions.get(topic)
         if n is None:
             n = self._partitions[topic] = len(await self.producer.partitions_for(topic))
+        # Records come in runs of one key (a container's events): one partition lookup per run.
         by_part: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
         part_of = self._part_of
-        for k, v in records:
+        if len(part_of) > 100_000:  # keys are namespace/pod: pods come and go
+            part_of.clear()
+        for k, run in groupby(records, key=itemgetter(0)):
             p = part_of.get((topic, k))
             if p is None:
                 p = part_of[(topic, k)] = (murmur2(k) & 0x7FFFFFFF) % n
-            by_part[p].append((k, v))
+            by_part[p].extend(run)
         futs = []
         for p, recs in by_part.items():
             batch = self.producer.create_batch()
             for k, v in recs:
                 if batch.append(key=k, value=v, timestamp=None) is None:
-                    futs.append(await self.producer.send_batch(batch, topic, partition=p))
+                    futs.append(await self._enqueue(batch, topic, p))
                     batch = self.producer.create_batch()
                     batch.append(key=k, value=v, timestamp=None)
-            futs.append(await self.producer.send_batch(batch, topic, partition=p))
+            futs.append(await self._enqueue(batch, topic, p))
         return futs
+
+    async def _enqueue(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+        """send_batch, waiting as long as the broker keeps draining.
+
+        aiokafka queues one batch per partition and makes send_batch wait for the one
+        before it; its wait loop deducts the time already waited again on every wake-up, so
+        a step with many batches for one partition can time out within seconds although
+        the broker is draining. Waiting again is safe: a batch that timed out was not queued.
+        """
+        assert self.producer is not None
+        deadline = time.monotonic() + self.settings.produce_timeout_s
+        while True:
+            try:
+                fut: asyncio.Future[Any] = await self.producer.send_batch(batch, topic, partition=partition)
+                return fut
+            except KafkaTimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+
+
+def shorten_fetch_wait(app: faust.App, ms: int) -> bool:
+    """Set the raw consumer's fetch.max.wait.ms, which Faust fixes at 1.5 s.
+
+    tansu answers a fetch at the end of the log only when that wait is up, even if records
+    arrive meanwhile (Kafka answers as soon as they do), so a worker that catches up with
+    the sensors idles up to 1.5 s per fetch. Faust has no setting for it: this reaches into
+    its consumer thread's aiokafka fetcher, and says so when a Faust or aiokafka upgrade
+    moved it.
+    """
+    consumer = getattr(getattr(app.consumer, "_thread", None), "_consumer", None)
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is None or not isinstance(getattr(fetcher, "_fetch_max_wait_ms", None), int):
+        log.warning("cannot shorten the raw consumer's fetch wait (Faust/aiokafka internals moved)")
+        return False
+    fetcher._fetch_max_wait_ms = ms
+    return True
 
 
 def build(settings: StreamSettings, sink: Sink | None = None) -> tuple[faust.App, StreamRuntime]:
@@ -291,18 +332,20 @@ def build(settings: StreamSettings, sink: Sink | None = None) -> tuple[faust.App
     @app.agent(topics.raw, name="armorstream.raw-batches")
     async def raw_batches(stream: faust.StreamT[bytes]) -> None:
         await runtime.caught_up.wait()
+        if s.fetch_max_wait_ms is not None:
+            shorten_fetch_wait(app, s.fetch_max_wait_ms)
         manual = stream.noack()  # type: ignore[attr-defined]  # Stream has it; StreamT does not declare it
         inflight = asyncio.Semaphore(s.max_inflight)
         runtime.stream = manual
         async for events in manual.take_events(s.take_max, within=s.take_within_s):
             t0 = time.perf_counter()
-            out = Output()
+            msgs = []
             for ev in events:
-                m = ev.message
-                tok = AckToken(ev)
-                origin = f"{m.topic}/{m.partition}/{m.offset}"
-                out.extend(processor.process(ev.value, key=ev.key, origin=origin, token=tok))
-                out.released.append(tok)
+                km = ev.message
+                origin = f"{km.topic}/{km.partition}/{km.offset}"
+                msgs.append(RawMessage(ev.value, ev.key, origin, AckToken(ev)))
+            out = processor.process_many(msgs)
+            out.released.extend(m.token for m in msgs if m.token is not None)
             # Deliver while the next step is decoded; at most max_inflight steps are in the
             # air, so a slow broker or store pushes back instead of filling memory.
             await inflight.acquire()

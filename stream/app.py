@@ -31,7 +31,10 @@ class StreamSettings:
     take_max: int = 64
     take_within_s: float = 0.05
     fetch_max_bytes: int = 16 * 1024 * 1024  # per partition
-    max_inflight: int = 4  # steps being delivered while the next is processed (back-pressure bound)
+    # Faust waits 1.5 s per fetch at the log end; tansu holds every such fetch that long
+    # (stream.agents.shorten_fetch_wait). None keeps Faust's value.
+    fetch_max_wait_ms: int | None = 100
+    max_inflight: int = 2  # steps being delivered while the next is processed (back-pressure bound)
     # late metadata
     late_wait_s: float = 5.0
     late_max_events: int = 200_000
@@ -44,6 +47,7 @@ class StreamSettings:
     # tansu cannot do idempotent producers (InitProducerId); real Kafka can
     idempotent_producer: bool = False
     session_timeout_s: float = 2.0
+    produce_timeout_s: float = 60.0  # a producer batch not queued within this fails the step
     stop_timeout_s: float = 10.0  # at shutdown, wait this long for steps being delivered
     control_catchup_s: float = 5.0  # at start, raw batches wait at most this long for the control topics
 

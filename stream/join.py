@@ -18,14 +18,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 
-from enforcer.control import ControlError, ControlTopics, ControlView, decode_key
+from enforcer.control import (
+    CgroupRecord,
+    ControlError,
+    ControlTopics,
+    ControlView,
+    decode,
+    decode_key,
+    encode,
+    encode_key,
+    parse_cgroup_key,
+)
 from stream.decode import EventColumns
 
 __all__ = [
-    "AckToken", "ContainerMeta", "LateBuffer", "MetadataState", "Pending", "cgroup_key", "encode_cgroup",
-    "split_by_cgroup",
+    "AckToken", "ContainerMeta", "LateBuffer", "MetadataState", "Pending", "split_by_cgroup",
 ]
 
 
@@ -49,25 +57,10 @@ class ContainerMeta:
         return ",".join(f"{k}={v}" for k, v in self.labels)
 
 
-# Provisional: the (node, cgroup id) -> container id index has no record type in
-# enforcer.control yet (the sensor knows it from cgroup paths). Until it has, the
-# stream reads `<prefix>control.cgroups`: key "node/cgroup_id", value
-# {"v": 1, "type": "cgroup", "node", "cgroup_id", "container_id"}, tombstone on removal.
-CGROUPS_TABLE = "control.cgroups"
-
-
-def cgroup_key(node: str, cgroup_id: int) -> bytes:
-    return f"{node}/{cgroup_id}".encode()
-
-
-def encode_cgroup(node: str, cgroup_id: int, container_id: str) -> bytes:
-    return orjson.dumps({"v": 1, "type": "cgroup", "node": node, "cgroup_id": cgroup_id,
-                         "container_id": container_id})
-
-
 @dataclass
 class MetadataState:
-    """The control tables (enforcer.control.ControlView) plus the cgroup index."""
+    """The control tables (enforcer.control.ControlView) plus the sensors' cgroup index
+    (`ControlTopics.cgroups`: (node, cgroup id) -> enforcer.control.CgroupRecord)."""
 
     view: ControlView = field(default_factory=ControlView)
     cgroups: dict[tuple[str, int], str] = field(default_factory=dict)  # (node, cgroup id) -> container id
@@ -80,7 +73,7 @@ class MetadataState:
 
     @property
     def cgroups_topic(self) -> str:
-        return self.view.topics.prefix + CGROUPS_TABLE
+        return self.view.topics.cgroups
 
     def topics(self) -> tuple[str, ...]:
         return (*self.view.topics.all(), self.cgroups_topic)
@@ -92,20 +85,18 @@ class MetadataState:
         if topic != self.cgroups_topic:
             self.view.apply(topic, key, value)
             return
-        k = decode_key(key)
-        node, _, cg = k.rpartition("/")
-        if value is None:
-            self.cgroups.pop((node, int(cg)), None)
+        where = parse_cgroup_key(decode_key(key))
+        rec = decode(value)
+        if rec is None:
+            self.cgroups.pop(where, None)
             return
-        try:
-            d = orjson.loads(value)
-            self.cgroups[(d["node"], int(d["cgroup_id"]))] = str(d["container_id"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ControlError(f"cgroup record {k!r}: {e}") from e
+        if not isinstance(rec, CgroupRecord) or (rec.node, rec.cgroup_id) != where:
+            raise ControlError(f"{self.cgroups_topic}: key {where} does not hold that cgroup's record")
+        self.cgroups[where] = rec.container_id
 
     def put_cgroup(self, node: str, cgroup_id: int, container_id: str) -> None:
-        value = encode_cgroup(node, cgroup_id, container_id)
-        self.apply(self.cgroups_topic, cgroup_key(node, cgroup_id), value)
+        rec = CgroupRecord(node, cgroup_id, container_id)
+        self.apply(self.cgroups_topic, encode_key(rec.key), encode(rec))
 
     def resolve(self, node: str, cgroup_id: int) -> ContainerMeta | None:
         cid = self.cgroups.get((node, cgroup_id))

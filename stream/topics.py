@@ -12,7 +12,6 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from enforcer.control import ControlTopics
 from enforcer.errors import ArmorstreamError
 from stream.app import StreamSettings
-from stream.join import CGROUPS_TABLE
 
 __all__ = ["StreamTopics", "TopicError", "ensure_topics"]
 
@@ -36,7 +35,7 @@ def wanted_topics(s: StreamSettings) -> dict[str, int]:
     """Topic -> partitions. Control topics have one partition so snapshot markers stay in order."""
     ctl = ControlTopics(s.control_prefix)
     out = {s.raw_topic: s.partitions, s.alerts_topic: s.siem_partitions, s.logs_topic: s.siem_partitions,
-           s.dead_letter_topic: 1, ctl.prefix + CGROUPS_TABLE: 1}
+           s.dead_letter_topic: 1, ctl.cgroups: 1}
     out.update({t: 1 for t in ctl.all()})
     return out
 

@@ -12,12 +12,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from enforcer.backends import Backend
 from enforcer.control import (
     CAPABILITIES_POSTURE,
     FILE_POSTURE,
@@ -40,7 +42,7 @@ from stream.join import AckToken, ContainerMeta, LateBuffer, MetadataState, Pend
 from stream.store.schema import EVENT_COLUMNS
 from stream.store.sink import conform
 
-__all__ = ["BatchProcessor", "DeadLetter", "Group", "Output", "Verdicts", "groups_table"]
+__all__ = ["BatchProcessor", "DeadLetter", "Group", "Output", "RawMessage", "Verdicts", "groups_table"]
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +57,31 @@ class DeadLetter:
     origin: str  # "topic/partition/offset" of the raw message
 
 
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    value: bytes
+    key: bytes | None = None
+    origin: str = ""  # "topic/partition/offset", for dead letters
+    token: AckToken | None = None  # acked once every part of the message is out
+
+
 @dataclass(slots=True)
 class Group:
-    """The events of one container from one raw batch, with their verdicts (sink input)."""
+    """The events of one container from one raw batch, with their verdicts (SIEM and sink input).
+
+    `codes[i]` is row i's decision as an index into `table`, the verdict cache's append-only
+    list of distinct decisions: rows carry an int32, never a Python object each.
+    """
 
     cols: EventColumns
     meta: ContainerMeta | None
-    decisions: list[Decision]
+    codes: np.ndarray
+    table: list[Decision]
     missing: bool = False
+
+    @property
+    def decisions(self) -> list[Decision]:
+        return [self.table[c] for c in self.codes.tolist()]
 
 
 @dataclass
@@ -83,17 +102,34 @@ class Output:
         return sum(len(g.cols) for g in self.groups)
 
 
+RowKey = tuple[str, str, str, str, int, int, bool]  # what the matcher reads of an event, op aside
+
+
 @dataclass
 class Verdicts:
-    """The reference matcher (which caches per workload and event) plus Verdict -> Decision."""
+    """The reference matcher behind a verdict cache, and Verdict -> Decision.
+
+    A row's decision depends on its workload, operation and `RowKey` (resource, process,
+    parent, source, uid, owner, write). The cache maps those to a code into `table`, so a
+    batch costs one C-level dict lookup per row (`map(dict.get, keys)`) and an `Event` plus a
+    matcher call only per distinct row never seen before. A new matcher starts a new table
+    and cache; groups still in flight keep the table they were coded against.
+    """
 
     matcher: Matcher | None = None
     policy_errors: int = 0
-    _conv: dict[Verdict, Decision] = field(default_factory=dict)
+    max_cached: int = 200_000  # row keys over all workloads (~40 MiB); beyond it the cache starts over
+    table: list[Decision] = field(default_factory=list)
+    misses: int = 0
+    _index: dict[Decision, int] = field(default_factory=dict)
+    _cache: dict[tuple[ContainerMeta | None, str], dict[RowKey, int]] = field(default_factory=dict)
+    _blocked: dict[tuple[int, bool], int] = field(default_factory=dict)
+    _cached: int = 0
 
     def set_matcher(self, matcher: Matcher | None) -> None:
         self.matcher = matcher
-        self._conv.clear()
+        self.table = []
+        self._index, self._cache, self._blocked, self._cached = {}, {}, {}, 0
 
     def rebuild(self, view: ControlView, default_posture: DefaultPosture | None = None) -> None:
         """A new matcher from the control tables' policies and namespace postures."""
@@ -107,21 +143,77 @@ class Verdicts:
         annotations = {name: _posture_annotations(ns) for name, ns in view.namespaces.items()}
         self.set_matcher(Matcher(policies, default_posture, annotations))
 
-    def decide(self, workload: Workload, events: Sequence[Event]) -> list[Decision]:
-        if self.matcher is None:
-            return [Decision(type="HostLog" if workload.host else "ContainerLog")] * len(events)
-        conv = self._conv
-        out = []
-        for v in self.matcher.decide_many(workload, events):
-            d = conv.get(v)
-            if d is None:
-                d = conv[v] = Decision(
-                    type=str(v.type), action=str(v.action), result=v.result if v.blocked else None,
-                    policy_name=v.policy_name, severity="" if v.severity is None else str(v.severity),
-                    tags=",".join(v.tags), atags=v.tags, message=v.message,
-                )
-            out.append(d)
-        return out
+    def code(self, d: Decision) -> int:
+        c = self._index.get(d)
+        if c is None:
+            c = self._index[d] = len(self.table)
+            self.table.append(d)
+        return c
+
+    def decide(self, meta: ContainerMeta | None, cols: EventColumns) -> np.ndarray:
+        """A decision code (into `table`) for every row of one container's events."""
+        n = len(cols)
+        host = meta is not None and meta.host
+        codes = (np.full(n, self.code(Decision(type="HostLog" if host else "ContainerLog")), np.int32)
+                 if self.matcher is None else self._matched(meta, cols))
+        blocked = (cols.flags & Flag.BLOCKED) != 0
+        if blocked.any():
+            codes[blocked] = self._kernel_decided(codes[blocked], cols.flags[blocked], host)
+        return codes
+
+    def _matched(self, meta: ContainerMeta | None, cols: EventColumns) -> np.ndarray:
+        assert self.matcher is not None and cols.operation is not None
+        n = len(cols)
+        if self._cached > self.max_cached:
+            self._cache.clear()
+            self._cached = 0
+        cache = self._cache.setdefault((meta, cols.operation), {})
+        keys = _row_keys(cols)
+        codes = np.fromiter(map(cache.get, keys, repeat(-1, n)), np.int32, n)
+        miss = np.flatnonzero(codes < 0)
+        if miss.size:
+            todo = dict.fromkeys(keys[i] for i in miss.tolist())
+            op = Operation(cols.operation)
+            events = [Event(op, r, proc, parent, src.split(" ", 1)[0], uid, None if o == _NO_OWNER else o, w)
+                      for (r, proc, parent, src, uid, o, w) in todo]
+            verdicts = self.matcher.decide_many(_workload(meta, cols.node), events)
+            for k, v in zip(todo, verdicts, strict=True):
+                cache[k] = self.code(_decision(v))
+            self.misses += len(todo)
+            self._cached += len(todo)
+            codes[miss] = [cache[keys[i]] for i in miss.tolist()]
+        return codes
+
+    def _kernel_decided(self, codes: np.ndarray, flags: np.ndarray, host: bool) -> np.ndarray:
+        # One (decision, backend) pair per distinct combination, not per row.
+        backend = (flags & _ENF_MASK).astype(np.int64)
+        pairs, inv = np.unique(np.stack([codes.astype(np.int64), backend]), axis=1, return_inverse=True)
+        mapped = []
+        for c, b in zip(pairs[0].tolist(), pairs[1].tolist(), strict=True):
+            k = self._blocked.get((c, b, host))
+            if k is None:
+                enforcer = _ENFORCER_OF.get(b, "armorstream")
+                k = self._blocked[(c, b, host)] = self.code(kernel_decided(self.table[c], host, enforcer))
+            mapped.append(k)
+        return np.asarray(mapped, np.int32)[inv.reshape(-1)]
+
+
+def _decision(v: Verdict) -> Decision:
+    return Decision(
+        type=str(v.type), action=str(v.action), result=v.result if v.blocked else None,
+        policy_name=v.policy_name, severity="" if v.severity is None else str(v.severity),
+        tags=",".join(v.tags), atags=v.tags, message=v.message,
+    )
+
+
+def _row_keys(cols: EventColumns) -> list[RowKey]:
+    """Per row, what the matcher reads (built by zip in C; Process events match on the binary)."""
+    n = len(cols)
+    owner = cols.owner_uid.tolist() if cols.owner_uid is not None else repeat(_NO_OWNER, n)
+    write = cols.write.tolist() if cols.write is not None else repeat(False, n)
+    resource = cols.process_name if cols.operation == "Process" else cols.resource
+    return list(zip(resource, cols.process_name, cols.parent_process_name, cols.source, cols.uid.tolist(),
+                    owner, write, strict=False))
 
 
 def _posture_annotations(ns: NamespaceRecord) -> dict[str, str]:
@@ -130,38 +222,23 @@ def _posture_annotations(ns: NamespaceRecord) -> dict[str, str]:
     return {k: v for k, v in pairs if v}
 
 
-def kernel_decided(d: Decision, host: bool) -> Decision:
+# The backend bit a decided record carries -> the alert's Enforcer (enforcer/backends.py names).
+_ENFORCER_OF: dict[int, str] = {
+    int(Flag.ENF_BPFLSM): Backend.BPFLSM.value,
+    int(Flag.ENF_FANOTIFY): Backend.FANOTIFY.value,
+    int(Flag.ENF_CGROUP): Backend.CGROUP.value,
+}
+_ENF_MASK = int(Flag.ENF_BPFLSM | Flag.ENF_FANOTIFY | Flag.ENF_CGROUP)
+
+
+def kernel_decided(d: Decision, host: bool, enforcer: str = "armorstream") -> Decision:
     """The fast path already blocked it: keep Block / Permission denied, whatever the matcher says."""
     typ = d.type if d.type in ("MatchedPolicy", "MatchedHostPolicy") else (
         "MatchedHostPolicy" if host else "MatchedPolicy")
     return Decision(
         type=typ, action="Block", result=DENIED, policy_name=d.policy_name or "DefaultPosture",
-        severity=d.severity, tags=d.tags, atags=d.atags, message=d.message, enforcer="armorstream",
+        severity=d.severity, tags=d.tags, atags=d.atags, message=d.message, enforcer=enforcer,
     )
-
-
-def _events(cols: EventColumns) -> tuple[list[Event], list[int]]:
-    """The matcher's view of the batch: unique events, and each row's index into them.
-
-    Rows repeat heavily (same binary, same file), so an Event is built once per distinct
-    row, which also spares the matcher's cache an equality check per row.
-    """
-    assert cols.operation is not None
-    op = Operation(cols.operation)
-    n = len(cols)
-    uid = cols.uid.tolist()
-    owner = cols.owner_uid.tolist() if cols.owner_uid is not None else [_NO_OWNER] * n
-    write = cols.write.tolist() if cols.write is not None else [False] * n
-    resource = cols.process_name if op is Operation.PROCESS else cols.resource
-    keys = list(zip(resource, cols.process_name, cols.parent_process_name, cols.source, uid, owner, write,
-                    strict=True))
-    index: dict[tuple[Any, ...], int] = {}
-    rows = [index.setdefault(k, len(index)) for k in keys]
-    events = [
-        Event(op, r, proc, parent, src.split(" ", 1)[0], u, None if o == _NO_OWNER else o, w)
-        for (r, proc, parent, src, u, o, w) in index
-    ]
-    return events, rows
 
 
 @dataclass
@@ -172,6 +249,7 @@ class BatchProcessor:
     late: LateBuffer = field(default_factory=LateBuffer)
     procs: dict[str, ProcessTable] = field(default_factory=dict)
     clock: Callable[[], float] = time.monotonic
+    encode_rows: int = 16_384
     # counters (exported as metrics by the agents)
     batches: int = 0
     events_in: int = 0
@@ -181,13 +259,34 @@ class BatchProcessor:
 
     def process(self, value: bytes, *, key: bytes | None = None, origin: str = "",
                 token: AckToken | None = None) -> Output:
+        """One raw Kafka message."""
+        return self.process_many([RawMessage(value, key, origin, token)])
+
+    def process_many(self, messages: Sequence[RawMessage]) -> Output:
+        """A step's raw messages. Their Alerts and Logs are encoded together, in chunks of about
+        `encode_rows` rows: fewer, longer column operations, without a whole step's
+        intermediate Arrow buffers at once."""
         out = Output()
+        emitted: list[Group] = []
+        rows = 0
+        for m in messages:
+            before = len(emitted)
+            self._process(m, out, emitted)
+            rows += sum(len(g.cols) for g in emitted[before:])
+            if rows >= self.encode_rows:
+                out.siem.extend(self.encoder.encode(emitted))
+                emitted, rows = [], 0
+        out.siem.extend(self.encoder.encode(emitted))
+        return out
+
+    def _process(self, m: RawMessage, out: Output, emitted: list[Group]) -> None:
+        value, token = m.value, m.token
         try:
             hdr, arr = decode_batch(value)
         except ArmorstreamError as e:
             self.dead_letters += 1
-            out.dead.append(DeadLetter(key, value, str(e), origin))
-            return out
+            out.dead.append(DeadLetter(m.key, value, str(e), m.origin))
+            return
         self.batches += 1
         self.events_in += hdr.count
         if hdr.kind == Kind.LOST:
@@ -196,20 +295,19 @@ class BatchProcessor:
         cols = decode_records(arr, kind=hdr.kind, node=hdr.node, seq=hdr.seq,
                               boot_wall_ns=hdr.boot_wall_ns, procs=procs)
         if cols.operation is None:
-            return out
+            return
         host = (cols.flags & Flag.HOST) != 0
         now = self.clock()
         for cg, rows in split_by_cgroup(cols):
             part = cols.take(rows)
             if bool(host[rows[0]]):
-                self._emit(part, self.state.host(hdr.node), False, out, token)
+                emitted.append(self._emit(part, self.state.host(hdr.node), False, out, token))
                 continue
             meta = self.state.resolve(hdr.node, cg)
             if meta is None:
                 self.late.add(hdr.node, cg, part, token, now)
             else:
-                self._emit(part, meta, False, out, token)
-        return out
+                emitted.append(self._emit(part, meta, False, out, token))
 
     def flush_late(self, *, all_: bool = False) -> Output:
         """Groups whose metadata arrived, and those out of time or room (flagged)."""
@@ -219,33 +317,28 @@ class BatchProcessor:
             expired = self.late.drain()
         else:
             resolved, expired = self.late.take(self.state, self.clock())
-        for p in resolved:
-            self._emit(p.cols, self.state.resolve(p.node, p.cgroup_id), False, out, p.token)
+        emitted = [self._emit(p.cols, self.state.resolve(p.node, p.cgroup_id), False, out, p.token)
+                   for p in resolved]
         for p in expired:
             self.missing_metadata += len(p.cols)
-            self._emit(p.cols, None, True, out, p.token)
+            emitted.append(self._emit(p.cols, None, True, out, p.token))
+        out.siem.extend(self.encoder.encode(emitted))
         out.released.extend(p.token for p in (*resolved, *expired) if p.token is not None)
         return out
 
     def _emit(self, cols: EventColumns, meta: ContainerMeta | None, missing: bool, out: Output,
-              token: AckToken | None) -> None:
-        wl = _workload(meta, cols.node)
-        events, rows = _events(cols)
-        uniq = self.verdicts.decide(wl, events)
-        decisions = [uniq[r] for r in rows]
-        blocked = (cols.flags & Flag.BLOCKED) != 0
-        if blocked.any():
-            for i in np.flatnonzero(blocked).tolist():
-                decisions[i] = kernel_decided(decisions[i], wl.host)
+              token: AckToken | None) -> Group:
+        g = Group(cols, meta, self.verdicts.decide(meta, cols), self.verdicts.table, missing)
         # With a token, the rows wait for the rest of their raw batch (see AckToken).
-        (token.groups if token is not None else out.groups).append(Group(cols, meta, decisions, missing))
-        out.siem.extend(self.encoder.encode(cols, meta, decisions, missing=missing))
+        (token.groups if token is not None else out.groups).append(g)
+        return g
 
     def counters(self) -> dict[str, Any]:
         return {
             "batches": self.batches, "events_in": self.events_in, "dead_letters": self.dead_letters,
             "lost_in_kernel": self.lost_in_kernel, "missing_metadata": self.missing_metadata,
             "late_waiting": self.late.events, "alerts_throttled": self.encoder.throttle.dropped,
+            "verdict_misses": self.verdicts.misses,
         }
 
 
@@ -304,13 +397,21 @@ def groups_table(groups: Sequence[Group], cluster: str) -> pa.Table:
     numbers("event_index", "index", "uint32")
     for name, attr in (("ParentProcessName", "parent_process_name"), ("ProcessName", "process_name"),
                        ("Source", "source"), ("Resource", "resource"), ("Data", "data")):
-        out[name] = pa.array([v for g in gs for v in getattr(g.cols, attr)], pa.string())
-    out["Cwd"] = pa.array([v for g in gs for v in (g.cols.cwd or [""] * len(g.cols))], pa.string())
+        out[name] = pa.array(list(chain.from_iterable(getattr(g.cols, attr) for g in gs)), pa.string())
+    out["Cwd"] = pa.array(list(chain.from_iterable(g.cols.cwd or repeat("", len(g.cols)) for g in gs)),
+                          pa.string())
 
-    # Decisions: a handful of distinct values, spread over the rows by index.
-    uniq: dict[Decision, int] = {}
-    didx = pa.array([uniq.setdefault(d, len(uniq)) for g in gs for d in g.decisions], pa.int32())
-    ds = list(uniq)
+    # Decisions: a handful of distinct values, spread over the rows by their codes.
+    offsets: dict[int, int] = {}
+    ds: list[Decision] = []
+    codes = []
+    for g in gs:
+        off = offsets.get(id(g.table))
+        if off is None:
+            off = offsets[id(g.table)] = len(ds)
+            ds.extend(g.table)
+        codes.append(g.codes.astype(np.int32) + np.int32(off))
+    didx = pa.array(np.concatenate(codes))
     for name, attr in (("PolicyName", "policy_name"), ("Severity", "severity"), ("Tags", "tags"),
                        ("Message", "message"), ("Type", "type"), ("Enforcer", "enforcer"),
                        ("Action", "action")):

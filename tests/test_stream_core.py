@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import orjson
+import pytest
 
 from enforcer.control import ContainerRecord, ControlTopics, Owner, PolicyRecord, encode, encode_key
 from enforcer.envelope import encode_batch
@@ -117,6 +118,16 @@ def test_kernel_block_is_kept_as_alert() -> None:
     (_, v), = out.siem.alerts
     a = orjson.loads(v)
     assert (a["Action"], a["Result"], a["Type"]) == ("Block", "Permission denied", "MatchedPolicy")
+    assert a["Enforcer"] == "armorstream"  # no backend bit: the record does not say who decided
+
+
+@pytest.mark.parametrize(("bit", "name"), [(Flag.ENF_FANOTIFY, "Fanotify"), (Flag.ENF_CGROUP, "CgroupBPF"),
+                                           (Flag.ENF_BPFLSM, "BPFLSM")])
+def test_kernel_block_names_its_backend(bit: Flag, name: str) -> None:
+    p = BatchProcessor()
+    add_container(p.state, 11, container("c1", "web"))
+    out = p.process(file_batch(11, 7, [b"/etc/shadow", b"/etc/gshadow"], flags=Flag.BLOCKED | bit, ret=-13))
+    assert [orjson.loads(v)["Enforcer"] for _, v in out.siem.alerts] == [name, name]
 
 
 def test_join_per_unique_container_and_late_metadata() -> None:
@@ -283,3 +294,45 @@ def test_updated_time_column_matches_scalar_formatting() -> None:
     ts = np.array([1_764_072_000_123_456_789, 0, 1_700_000_000_000_001_000], dtype=np.int64)
     assert iso_times(ts) == [_iso(int(t)) for t in ts]
     assert iso_times(ts)[0] == "2025-11-25T12:00:00.123456Z"
+
+
+def test_siem_json_is_exact_for_awkward_strings_and_keeps_kubearmor_order() -> None:
+    p = BatchProcessor()
+    add_container(p.state, 1, container("c1", 'we"b'))
+    paths = ['/a"b', "/c\\d", "/e\nf\tg", "/ünï", "/plain", "/\x01ctl"]
+    out = p.process(exec_batch(1, 9, b'/bin/q"uote', [b"q", b"x\\y"]))
+    out.extend(p.process(file_batch(1, 9, [x.encode() for x in paths], ret=-2, open_flags=0o101)))
+    recs = [orjson.loads(v) for _, v in out.siem.logs]
+    assert [r["Resource"] for r in recs] == ['/bin/q"uote x\\y', *paths]
+    assert {r["PodName"] for r in recs} == {'we"b'} and {k for k, _ in out.siem.logs} == {b'default/we"b'}
+    ex, f = recs[0], recs[1]
+    assert ex["ProcessName"] == '/bin/q"uote' and ex["Cwd"] == "/" and "Cwd" not in f
+    assert f["ProcessName"] == '/bin/q"uote' and f["Result"] == "No such file or directory"
+    assert f["Data"] == "syscall=SYS_OPENAT flags=O_WRONLY|O_CREAT"
+    assert list(f) == [
+        "ClusterName", "HostName", "NamespaceName", "PodName", "Labels", "ContainerID", "ContainerName",
+        "ContainerImage", "Owner", "Timestamp", "UpdatedTime", "HostPPID", "HostPID", "PPID", "PID", "UID",
+        "ParentProcessName", "ProcessName", "Type", "Source", "Operation", "Resource", "Data", "Action",
+        "Result"]
+    assert (f["HostPID"], f["PID"], f["UID"], f["HostPPID"], f["PPID"]) == (9, 9, 1000, 1, 1)
+
+
+def test_verdict_cache_decides_each_distinct_event_once_per_matcher() -> None:
+    p = BatchProcessor()
+    rec = PolicyRecord(kind="KubeArmorPolicy", namespace="default", name="ksp-web-audit-shadow",
+                       document=SHADOW_POLICY, source="test")
+    p.state.apply(TOPICS.policies, encode_key(rec.key), encode(rec))
+    p.verdicts.rebuild(p.state.view)
+    add_container(p.state, 1, container("c1", "web"))
+    batch = file_batch(1, 10, [b"/etc/shadow", b"/etc/hosts"] * 50)
+    first = p.process(batch)
+    assert p.verdicts.misses == 2 and len(first.siem.alerts) == 10 + 1  # 10 per second, then a summary
+    second = p.process(file_batch(1, 10, [b"/etc/hosts", b"/etc/shadow"], seq=1))
+    assert p.verdicts.misses == 2  # answered from the cache
+    assert [orjson.loads(v)["Resource"] for _, v in second.siem.logs] == ["/etc/hosts"]
+    # A new matcher (policies changed) starts over; groups already coded keep their table.
+    old = first.groups[0]
+    p.verdicts.rebuild(p.state.view)
+    p.process(batch)
+    assert p.verdicts.misses == 4 and old.table is not p.verdicts.table
+    assert {d.policy_name for d in old.decisions} == {"ksp-web-audit-shadow", ""}

@@ -9,11 +9,17 @@ A re-delivered batch must not double rows in query results. Two mechanisms, both
 2. After a crash the stream may regroup raw batches into different inserts, whose tokens
    differ. Before inserting, the sink asks the `ingested_batches` ledger which of its raw
    batches are already stored and drops their rows.
+
+ClickHouse applies TTL when it writes a part, so rows already older than the retention
+never reach `events` (the rollups, with their longer retention, still count them). The
+sink counts those rows before inserting and reports them as `expired_rows`, not as stored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,15 +33,18 @@ from stream.store.schema import EVENT_COLUMNS, EVENT_SCHEMA
 
 __all__ = ["InsertResult", "Sink", "batch_token", "conform", "rows_to_table"]
 
+log = logging.getLogger(__name__)
+
 # ClickHouse splits bigger inserts into several blocks anyway; keep parts deterministic.
 MAX_PART_ROWS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
 class InsertResult:
-    rows: int  # rows sent to ClickHouse
+    rows: int  # rows sent to ClickHouse and kept (within the retention)
     skipped_rows: int  # rows of raw batches that were already stored
     parts: int
+    expired_rows: int = 0  # rows sent but older than the retention: ClickHouse's TTL drops them at insert
 
 
 def _batch_ids(table: pa.Table) -> list[tuple[str, int]]:
@@ -150,6 +159,10 @@ class Sink:
                 before = table.num_rows
                 table = table.filter(keep)
                 skipped = before - table.num_rows
+        expired = self.expired_rows(table)
+        if expired:
+            log.warning("%d of %d rows are older than the %d-day retention: ClickHouse drops them at insert",
+                        expired, table.num_rows, self.store.config.retention_days)
         parts = 0
         for offset in range(0, table.num_rows, MAX_PART_ROWS):
             part = table.slice(offset, MAX_PART_ROWS)
@@ -157,7 +170,19 @@ class Sink:
             with translate_errors("insert into ClickHouse failed"):
                 self.store.client.insert_arrow("events", part, settings={"insert_deduplication_token": token})
             parts += 1
-        return InsertResult(rows=table.num_rows, skipped_rows=skipped, parts=parts)
+        return InsertResult(rows=table.num_rows - expired, skipped_rows=skipped, parts=parts,
+                            expired_rows=expired)
+
+    def expired_rows(self, table: pa.Table, now_s: int | None = None) -> int:
+        """Rows whose TTL (toDateTime(Timestamp) + retention) has passed: ClickHouse will not keep them."""
+        days = self.store.config.retention_days
+        if not days or not table.num_rows:
+            return 0
+        now_s = int(time.time()) if now_s is None else now_s
+        # toDateTime() truncates to the second; a row expires once its TTL time is <= now.
+        cutoff_ns = (now_s - days * 86400 + 1) * 1_000_000_000
+        ts = table["Timestamp"].cast(pa.int64())
+        return int(pc.sum(pc.less(ts, cutoff_ns)).as_py() or 0)
 
     def insert_rows(self, rows: list[Mapping[str, Any]]) -> InsertResult:
         return self.insert(rows_to_table(rows))
