@@ -61,11 +61,17 @@ def parse_visibility(text: str, option: str) -> Visibility:
               help="Runtime for cgroup paths that do not name one (default: detected from its socket).")
 @click.option("--compression", default="auto", show_default=True,
               help="Kafka compression: auto, zstd, lz4, snappy, gzip or none.")
+@click.option("--enforce/--no-enforce", default=True, show_default=True,
+              help="Enforce the policies bound to the watched cgroups (control topics; kept in --state-dir).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Local copy of the control tables, so enforcement survives restarts without the broker "
+                   "(default: beside the spool directory, in enforce/).")
 @click.option("-v", "--verbose", is_flag=True)
 def sensor(broker: str, node_name: str | None, topic: str | None, visibility: str, host_visibility: str,
            watch_cgroups: tuple[Path, ...], namespace_visibility: bool, spool_dir: Path, spool_max_mb: int,
            metrics_port: int | None, metrics_addr: str, poll_interval: float, refresh_interval: float,
-           pin_dir: Path, ring_mb: int | None, runtime: str | None, compression: str, verbose: bool) -> None:
+           pin_dir: Path, ring_mb: int | None, runtime: str | None, compression: str, enforce: bool,
+           state_dir: Path | None, verbose: bool) -> None:
     """Run the kernel sensor on this node (as root).
 
     Loads the BPF monitors for the visibility asked for, watches container cgroups,
@@ -94,7 +100,7 @@ def sensor(broker: str, node_name: str | None, topic: str | None, visibility: st
             metrics_port=metrics_port, metrics_addr=metrics_addr, poll_interval_s=poll_interval,
             refresh_interval_s=refresh_interval, pin_dir=pin_dir,
             ring_bytes=ring_mb << 20 if ring_mb else None, runtime=runtime, compression=compression,
-            namespace_visibility=namespace_visibility,
+            namespace_visibility=namespace_visibility, enforce=enforce, state_dir=state_dir,
         )  # fmt: skip
     except ArmorstreamError as e:
         raise click.ClickException(str(e)) from None
@@ -110,7 +116,7 @@ def sensor(broker: str, node_name: str | None, topic: str | None, visibility: st
         agent = Agent(config)
         report = await agent.start()
         try:
-            for line in report.lines():
+            for line in [*report.lines(), *agent.enforcement_notes]:
                 click.echo(line)
             click.echo("ready", err=True)  # tests and supervisors wait for this line
             await agent.run(stop)

@@ -25,14 +25,22 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from enforcer.control import DEFAULT_PREFIX, ControlError, ControlTopics, ControlView
+from enforcer.control import (
+    DEFAULT_PREFIX,
+    CgroupRecord,
+    ControlError,
+    ControlTopics,
+    ControlView,
+    encode,
+    encode_key,
+)
+from enforcer.control import cgroup_key as cgroup_index_key  # this module's cgroup_key keys raw batches
 from enforcer.envelope import FIXED_LEN, NODE_MAX, encode_batch
 from enforcer.errors import ArmorstreamError
 from enforcer.records import DTYPES, Visibility
@@ -42,6 +50,9 @@ from sensor.libbpf import PIN_ROOT, BpfError, Map, ensure_bpffs
 from sensor.metrics import SensorMetrics
 from sensor.shipper import RAW_TOPIC, Shipper, ShipperConfig, ShipperState
 from sensor.spool import Spool, SpoolConfig
+
+if TYPE_CHECKING:
+    from sensor.enforcement_agent import EnforcementAgent
 
 __all__ = [
     "MONITORS",
@@ -137,6 +148,10 @@ class AgentConfig:
     # `visibility` for its containers ("none" stops watching them).
     namespace_visibility: bool = False
     monitors: tuple[tuple[str, Visibility, str], ...] = MONITORS
+    # Enforce the policies the control topics bind to the watched cgroups (sensor.enforcement_agent);
+    # the local copy of the control tables goes to state_dir (default: next to the spool).
+    enforce: bool = False
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.node or len(self.node.encode()) > NODE_MAX:
@@ -255,12 +270,6 @@ def split_by_cgroup(kind: int, raw: bytes, max_records: int) -> list[tuple[int, 
     return out
 
 
-# The stream's join reads this table (stream/join.py, provisional until enforcer.control has a
-# record type for it): key "node/cgroup_id", value {"v": 1, "type": "cgroup", "node",
-# "cgroup_id", "container_id"}, a tombstone when the cgroup is gone.
-CGROUPS_TABLE: Final = "control.cgroups"
-
-
 class CgroupPublisher:
     """Publishes this node's cgroup id -> container id index, one record per produce batch
     (tansu's end offsets go wrong after multi-record batches). Runs beside the drain loop so
@@ -268,7 +277,7 @@ class CgroupPublisher:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.topic = config.control_prefix + CGROUPS_TABLE
+        self.topic = ControlTopics(config.control_prefix).cgroups
         self.pending: dict[int, Identity | None] = {}  # cgroup id -> identity; None: tombstone
         self.published = 0
         self._wake = asyncio.Event()
@@ -280,13 +289,12 @@ class CgroupPublisher:
             self._wake.set()
 
     def record(self, cgroup_id: int, ident: Identity | None) -> tuple[bytes, bytes | None]:
-        node = self.config.node
-        key = f"{node}/{cgroup_id}".encode()
-        if ident is None:
+        """Key and value on the stream's cgroup index (enforcer.control.CgroupRecord)."""
+        key = encode_key(cgroup_index_key(self.config.node, cgroup_id))
+        if ident is None or ident.container_id is None:
             return key, None
-        return key, orjson.dumps({"v": 1, "type": "cgroup", "node": node, "cgroup_id": cgroup_id,
-                                  "container_id": ident.container_id, "pod_uid": ident.pod_uid,
-                                  "runtime": ident.runtime, "path": ident.path})  # fmt: skip
+        return key, encode(CgroupRecord(self.config.node, cgroup_id, ident.container_id, ident.pod_uid or "",
+                                        ident.runtime or "", ident.path))  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -401,6 +409,8 @@ class Agent:
         self._next_refresh = 0.0
         self.publisher = CgroupPublisher(config) if config.publish_cgroups else None
         self.follower = ControlFollower(config, self._refresh_soon) if config.namespace_visibility else None
+        self.enforcement: EnforcementAgent | None = None
+        self.enforcement_notes: list[str] = []
 
     @property
     def shipper(self) -> Shipper:
@@ -423,6 +433,8 @@ class Agent:
                 raise AgentError(f"no monitor could be attached ({why})")
             self._seed_watched()
             self.refresh_watched()
+            if cfg.enforce:
+                self._start_enforcement()
             self._spool = Spool(SpoolConfig(cfg.spool_dir, max_bytes=cfg.spool_max_bytes,
                                             segment_bytes=min(64 << 20, cfg.spool_max_bytes)))  # fmt: skip
             ship_cfg = ShipperConfig(bootstrap=cfg.broker, node=cfg.node, topic=cfg.topic,
@@ -551,6 +563,8 @@ class Agent:
             self.identities[cgid] = ident
         if added or stale:
             log.info("watching %d cgroups (+%d, -%d)", len(self.watched), added, len(stale))
+        if self.enforcement is not None:
+            self.enforcement.reconcile(self.identities)
         self._next_refresh = time.monotonic() + self.config.refresh_interval_s
         return added, len(stale)
 
@@ -575,6 +589,12 @@ class Agent:
                     env = encode_batch(b.kind, raw, node=cfg.node, seq=shipper.next_seq(),
                                        boot_wall_ns=self._boot_wall)  # fmt: skip
                     await shipper.submit(cgroup_key(cgid), env, n)
+        if self.enforcement is not None:  # blocked/audited attempts from the enforcement backends
+            for b in self.enforcement.take(self.watched):
+                for cgid, raw, n in split_by_cgroup(b.kind, b.records, 1024):
+                    env = encode_batch(b.kind, raw, node=cfg.node, seq=shipper.next_seq(),
+                                       boot_wall_ns=self._boot_wall)  # fmt: skip
+                    await shipper.submit(cgroup_key(cgid), env, n)
         self.metrics.counters.events_dropped_kernel = lost
         self.ticks += 1
         return full
@@ -587,6 +607,9 @@ class Agent:
             publishing = asyncio.create_task(self.publisher.run(stop), name="cgroup-index")
         if self.follower is not None:
             following = asyncio.create_task(self.follower.run(stop), name="control-follower")
+        enforcing = None
+        if self.enforcement is not None:
+            enforcing = asyncio.create_task(self.enforcement.run(stop), name="enforcement-control")
         while not stop.is_set():
             started = time.monotonic()
             full = await self.drain_once()
@@ -611,6 +634,8 @@ class Agent:
         await self.drain_once()
         if following is not None:
             await following
+        if enforcing is not None:
+            await enforcing
         if publishing is not None and self.publisher is not None:
             try:
                 await asyncio.wait_for(publishing, cfg.flush_timeout_s)
@@ -621,7 +646,21 @@ class Agent:
         """Flush to Kafka (or the spool) and release everything. Pinned maps stay."""
         await self._close()
 
+    def _start_enforcement(self) -> None:
+        from sensor.enforcement_agent import EnforcementAgent, EnforcementConfig
+
+        cfg = self.config
+        assert self._index is not None
+        state = cfg.state_dir or cfg.spool_dir.parent / "enforce"
+        self.enforcement = EnforcementAgent(EnforcementConfig(
+            node=cfg.node, broker=cfg.broker, state_dir=state, control_prefix=cfg.control_prefix,
+            pin_dir=cfg.pin_dir, cgroup_root=self._index.root, request_timeout_ms=cfg.request_timeout_ms))
+        self.enforcement_notes = self.enforcement.start(self.identities)
+
     async def _close(self) -> None:
+        if self.enforcement is not None:
+            self.enforcement.close()
+            self.enforcement = None
         if self.publisher is not None:
             await self.publisher.close()
         if self._shipper is not None:
