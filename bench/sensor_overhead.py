@@ -15,10 +15,27 @@ other <= 1.03x; watched <= 1.5x (exec) and <= 2x (open).
 
 Then the raw topic is read back: every exec, fork, exit and open of the watched storms
 must be there (zero loss), and the shipping rate is the watched open storm's records over
-the time from its start to the last one acked by the broker. The sensor's resident memory
-is sampled throughout: start (after start-up), peak, end.
+the time from its start to the last one acked by the broker. That rate can never exceed
+the storm's own (~200k/s here), so two more phases measure shipping itself:
 
-Run: .venv/bin/python bench/sensor_overhead.py [--exec-n 600] [--open-n 100000] [--trials 4]
+    capacity     a sensor (--visibility file, a ring big enough for the fill) is paused with
+                 SIGSTOP; --capacity-procs open storms write --capacity-n records into its
+                 ring; SIGCONT; records drained, enveloped, shipped and acked by the broker per
+                 second, resume to last ack. Run with the mapped ring reader (the default) and,
+                 in the same run, with libbpf's per-record callback reader as the baseline
+                 (ARMORSTREAM_RING_READER=callback); each topic is read back and must hold
+                 every storm open, with no drops and no LOST records. Target >= 300,000/s.
+    paced        an open storm paced at --rate (100,000/s) for --paced-s seconds into a
+                 normally running sensor (--ring-mb): every open must be in the topic.
+
+Each sensor ships to its own topic (armorstream.raw, .capacity-<reader>, .paced), so each
+phase is counted apart. The sensor's resident memory is sampled throughout the overhead
+phase: start (after start-up), peak, end.
+
+Run: .venv/bin/python bench/sensor_overhead.py              # all three phases, ~70 s
+     .venv/bin/python bench/sensor_overhead.py --phases capacity,paced [--capacity-n 1000000]
+       [--capacity-procs 2] [--capacity-trials 1] [--rate 100000] [--paced-s 10]
+     .venv/bin/python bench/sensor_overhead.py [--exec-n 600] [--open-n 100000] [--trials 4]
      .venv/bin/python bench/sensor_overhead.py --minutes 10 [--rate 100000]   # the memory run:
        a paced open storm at --rate events/s into the watched cgroup, RSS printed each minute.
 """
@@ -185,18 +202,38 @@ class Bench:
         return self.storm_in(cgroup, "open", str(self.args.open_n), str(self.target))
 
     # ---- the sensor --------------------------------------------------------------------------
-    def start_sensor(self, bootstrap: str) -> None:
+    def start_sensor(
+        self,
+        bootstrap: str,
+        *,
+        watch: tuple[Path, ...] = (),
+        ring_mb: int | None = None,
+        visibility: str | None = None,
+        reader: str | None = None,
+        pins: str = "",
+        topic: str = TOPIC,
+    ) -> None:
+        """Start `armorstream sensor` watching the "other" pod and `watch` (default: the watched
+        storm cgroup); `reader` picks the ring reader (ARMORSTREAM_RING_READER: mmap, callback)."""
         self.sleeper = subprocess.Popen(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec sleep 3600',
                                          str(self.other)])  # fmt: skip
         exe = Path(sys.executable).parent / "armorstream"
-        cmd = [str(exe), "sensor", "--broker", bootstrap, "--node-name", "bench",
-               "--visibility", self.args.visibility, "--watch-cgroup", str(self.other),
-               "--watch-cgroup", str(self.watched), "--spool-dir", str(self.work / "spool"),
-               "--pin-dir", f"/sys/fs/bpf/as-bench-{self.top.name[-8:]}",
-               "--metrics-port", "0", "--metrics-addr", "127.0.0.1", "--ring-mb", str(self.args.ring_mb),
+        cmd = [str(exe), "sensor", "--broker", bootstrap, "--node-name", "bench", "--topic", topic,
+               "--visibility", visibility or self.args.visibility, "--watch-cgroup", str(self.other),
+               "--spool-dir", str(self.work / "spool"),
+               "--pin-dir", f"/sys/fs/bpf/as-bench-{self.top.name[-8:]}{pins}",
+               "--metrics-port", "0", "--metrics-addr", "127.0.0.1",
+               "--ring-mb", str(ring_mb or self.args.ring_mb),
                "--poll-interval", str(self.args.poll_interval)]  # fmt: skip
+        for cg in watch or (self.watched,):
+            cmd += ["--watch-cgroup", str(cg)]
+        env = dict(os.environ)
+        if reader:
+            env["ARMORSTREAM_RING_READER"] = reader
         self.sensor_err = []
-        self.sensor = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.sensor = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         assert self.sensor.stdout is not None and self.sensor.stderr is not None
         report: list[str] = []
         deadline = time.monotonic() + 60
@@ -238,7 +275,9 @@ class Bench:
                     out[m[1] + (f"_{where[1]}" if where else "")] = float(m[3])
         return out
 
-    def caught_up(self, min_seen: float = 0, timeout: float = 120.0) -> tuple[float, dict[str, float]]:
+    def caught_up(
+        self, min_seen: float = 0, timeout: float = 120.0, poll: float = 0.005
+    ) -> tuple[float, dict[str, float]]:
         """Wait until the sensor has drained at least `min_seen` events and the broker has acked
         everything it drained; returns when, and the counters then."""
         deadline = time.monotonic() + timeout
@@ -247,7 +286,7 @@ class Bench:
             seen = c.get("events_seen", 0)
             if seen >= min_seen and c.get("events_shipped", 0) + c.get("events_replayed", 0) >= seen:
                 return time.monotonic(), c
-            time.sleep(0.005)
+            time.sleep(poll)
         raise SystemExit(f"sensor did not drain and ship {min_seen} events in {timeout}s: {self.counters()}")
 
     def cpu_seconds(self) -> float:
@@ -256,6 +295,18 @@ class Bench:
             return 0.0
         fields = Path(f"/proc/{self.sensor.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def new_cgroup(self) -> Path:
+        """A fresh container cgroup in the bench's pod, so each phase's records count apart."""
+        cg = self.watched.parent / f"cri-containerd-{uuid.uuid4().hex * 2}.scope"
+        cg.mkdir()
+        return cg
+
+    def unpin(self, pins: str) -> None:
+        """Free a stopped sensor's pinned maps now (a capacity ring is hundreds of MiB)."""
+        pin = Path(f"/sys/fs/bpf/as-bench-{self.top.name[-8:]}{pins}")
+        if pin.exists():
+            shutil.rmtree(pin)
 
     def stop_sensor(self) -> None:
         if self.rss is not None:
@@ -280,19 +331,16 @@ class Bench:
         for d in sorted((p for p in self.top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             d.rmdir()
         self.top.rmdir()
-        pin = Path(f"/sys/fs/bpf/as-bench-{self.top.name[-8:]}")
-        if pin.exists():
-            for p in pin.iterdir():
-                p.unlink()
-            pin.rmdir()
+        for pin in Path("/sys/fs/bpf").glob(f"as-bench-{self.top.name[-8:]}*"):
+            shutil.rmtree(pin)  # unpins: the kernel frees the maps (and big rings) with the last user
 
 
-def count_topic(bootstrap: str, cgroup_id: int, target: bytes) -> dict[str, int]:
+def count_topic(bootstrap: str, cgroup_id: int, target: bytes, topic: str = TOPIC) -> dict[str, int]:
     """Records of the watched cgroup in the raw topic, per kind (opens: of the storm file only)."""
     from aiokafka import AIOKafkaConsumer
 
     async def run() -> dict[str, int]:
-        consumer = AIOKafkaConsumer(TOPIC, bootstrap_servers=bootstrap, group_id=None,
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
                                     auto_offset_reset="earliest", fetch_max_wait_ms=100,
                                     max_partition_fetch_bytes=16 << 20)  # fmt: skip
         await consumer.start()
@@ -415,13 +463,140 @@ def overhead_run(b: Bench, broker: TansuBroker) -> int:
     offered, acked, span = max(ship_rates, key=lambda r: r[1], default=(0.0, 0.0, 0.0))
     print(f"\nshipping (best of {len(ship_rates)} watched open storms): offered {offered:,.0f} events/s; "
           f"drained, enveloped and acked by the broker at {acked:,.0f} events/s "
-          f"(storm start to last ack, {span:.2f} s)")  # fmt: skip
+          f"(storm start to last ack, {span:.2f} s; bounded by the storm's rate: see capacity)")  # fmt: skip
     print(f"sensor totals over {a.trials} runs: drained {drops['seen']:,}, "
           f"acked by the broker {drops['shipped']:,}")  # fmt: skip
     print(f"sensor CPU after start-up, {a.trials} runs: {cpu:.2f} s, "
           f"{cpu / max(drops['seen'], 1) * 1e6:.2f} us per event")  # fmt: skip
     print(f"sensor RSS (last run): {report_rss(b.rss)}")
     return 0 if ok else 1
+
+
+FILE_RECORD = 368  # bytes a file record takes in the ring: 360 + the ring's 8-byte header
+
+
+@dataclass
+class Capacity:
+    reader: str
+    records: int  # drained by the sensor after it was resumed
+    fill_s: float  # time the storms took to fill the paused sensor's ring
+    drain_s: float  # resume to last broker ack
+    cpu_s: float  # the sensor's CPU over the drain
+    in_topic: int  # storm opens found in the topic
+    offered: int  # storm opens done
+    drops: int  # kernel + user space
+    lost: int  # LOST records in the topic
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.drain_s
+
+    @property
+    def ok(self) -> bool:
+        return self.in_topic == self.offered and self.drops == 0 and self.lost == 0
+
+
+def capacity_once(b: Bench, broker: TansuBroker, reader: str) -> Capacity:
+    """Pause the sensor (SIGSTOP), fill its file ring with open storms, resume it and time the
+    drain -> envelope -> shipper -> broker pipeline on its own until the last record is acked."""
+    a = b.args
+    n = a.capacity_n - a.capacity_n % a.capacity_procs
+    ring_mb = 16
+    while ring_mb << 20 < n * FILE_RECORD * 1.05 + (1 << 20):  # room for the storms' own start-up opens
+        ring_mb *= 2
+    cg = b.new_cgroup()
+    topic, pins = f"{TOPIC}.capacity-{reader}", f"-cap-{reader}"
+    b.start_sensor(broker.bootstrap, watch=(cg,), ring_mb=ring_mb, visibility="file", reader=reader,
+                   pins=pins, topic=topic)  # fmt: skip
+    assert b.sensor is not None
+    try:
+        _, before = b.caught_up()
+        b.sensor.send_signal(signal.SIGSTOP)  # the kernel keeps writing the ring; nobody reads it
+        t0 = time.monotonic()
+        fills: list[Sample] = []
+        per = str(n // a.capacity_procs)
+        threads = [threading.Thread(target=lambda: fills.append(b.storm_in(cg, "open", per, str(b.target))))
+                   for _ in range(a.capacity_procs)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        fill_s = time.monotonic() - t0
+        cpu0 = b.cpu_seconds()
+        t0 = time.monotonic()
+        b.sensor.send_signal(signal.SIGCONT)
+        t1, c = b.caught_up(before.get("events_seen", 0) + n, poll=0.02)
+        cpu = b.cpu_seconds() - cpu0
+    finally:
+        if b.sensor is not None:
+            b.sensor.send_signal(signal.SIGCONT)
+        b.stop_sensor()
+        b.unpin(pins)
+    counts = count_topic(broker.bootstrap, cg.stat().st_ino, str(b.target).encode(), topic)
+    return Capacity(reader=reader, records=int(c.get("events_seen", 0) - before.get("events_seen", 0)),
+                    fill_s=fill_s, drain_s=t1 - t0, cpu_s=cpu, in_topic=counts.get("FILE", 0),
+                    offered=sum(x.ops for x in fills),
+                    drops=int(c.get("events_dropped_kernel", 0) + c.get("events_dropped_user", 0)),
+                    lost=counts.get("LOST_RECORDS", 0))  # fmt: skip
+
+
+def cpu_per(x: Capacity) -> float:
+    return x.cpu_s / max(x.records, 1)
+
+
+def capacity_run(b: Bench, broker: TansuBroker) -> bool:
+    """Shipping capacity: the mapped-ring sensor against the callback-reader baseline, same run."""
+    a = b.args
+    print(f"\ncapacity: {a.capacity_n:,} opens ({a.capacity_procs} storm processes) into the file ring of "
+          f"a paused sensor (SIGSTOP), then resumed: records drained, enveloped and acked by the broker "
+          f"per second, resume to last ack; zero loss checked by reading the topic back")  # fmt: skip
+    readers = ["callback", "mmap"]
+    res: dict[str, list[Capacity]] = {r: [] for r in readers}
+    for t in range(a.capacity_trials):
+        for r in readers if t % 2 == 0 else reversed(readers):
+            res[r].append(capacity_once(b, broker, r))
+    print(f"  {'reader':<9} {'records':>10} {'fill s':>7} {'drain s':>8} {'acked/s':>10} {'CPU us/rec':>10} "
+          f"{'in topic':>10} {'drops':>6} {'LOST':>5}  target >= 300,000/s")  # fmt: skip
+    ok = True
+    best: dict[str, Capacity] = {}
+    for r in readers:
+        for x in res[r]:
+            print(f"  {r:<9} {x.records:>10,} {x.fill_s:>7.2f} {x.drain_s:>8.2f} {x.rate:>10,.0f} "
+                  f"{x.cpu_s / max(x.records, 1) * 1e6:>10.2f} {x.in_topic:>10,} {x.drops:>6} {x.lost:>5}  "
+                  f"{'' if x.ok else 'LOSS (offered ' + format(x.offered, ',') + ')'}")  # fmt: skip
+            ok &= x.ok
+        best[r] = max(res[r], key=lambda x: x.rate)
+    mm, cb = best["mmap"], best["callback"]
+    verdict = "ok" if mm.rate >= 300_000 and mm.ok else "MISSED"
+    cpu = {r: statistics.median(map(cpu_per, res[r])) for r in readers}
+    cpu_ratio = cpu["callback"] / cpu["mmap"]
+    print(f"  shipped (mmap reader, best): {mm.rate:,.0f} events/s {verdict}; baseline (callback reader): "
+          f"{cb.rate:,.0f} events/s; ratio {mm.rate / cb.rate:.2f}x (sensor CPU per record: {cpu_ratio:.2f}x "
+          f"less, medians; wall-clock rates move with the other tenants)")  # fmt: skip
+    return ok and verdict == "ok"
+
+
+def paced_run(b: Bench, broker: TansuBroker) -> bool:
+    """A paced open storm at --rate events/s into a watched cgroup: everything must arrive."""
+    a = b.args
+    cg = b.new_cgroup()
+    topic = f"{TOPIC}.paced"
+    b.start_sensor(broker.bootstrap, watch=(cg,), topic=topic)
+    try:
+        _, before = b.caught_up()
+        s = b.storm_in(cg, "paced", str(a.rate), str(a.paced_s), str(b.target))
+        t_end = time.monotonic()
+        t1, c = b.caught_up(before.get("events_seen", 0) + s.ops)
+    finally:
+        b.stop_sensor()
+    counts = count_topic(broker.bootstrap, cg.stat().st_ino, str(b.target).encode(), topic)
+    got, lost = counts.get("FILE", 0), counts.get("LOST_RECORDS", 0)
+    drops = int(c.get("events_dropped_kernel", 0) + c.get("events_dropped_user", 0))
+    ok = got == s.ops and drops == 0 and lost == 0
+    print(f"\npaced: offered {s.ops:,} opens at {s.ops / (s.ns / 1e9):,.0f} events/s for {s.ns / 1e9:.1f} s "
+          f"(--rate {a.rate:,}, ring {a.ring_mb} MiB); in the topic {got:,}; drops {drops}, LOST {lost}; "
+          f"last ack {t1 - t_end:.2f} s after the storm ended  {'ok' if ok else 'LOSS'}")  # fmt: skip
+    return ok
 
 
 def memory_run(b: Bench, broker: TansuBroker) -> int:
@@ -471,7 +646,16 @@ def main() -> int:
     p.add_argument("--visibility", default="process,file", help="the sensor's --visibility")
     p.add_argument("-v", "--verbose", action="store_true", help="print every trial")
     p.add_argument("--minutes", type=float, default=0.0, help="memory run of this many minutes instead")
-    p.add_argument("--rate", type=int, default=100_000, help="memory run: offered events/s")
+    p.add_argument("--rate", type=int, default=100_000, help="paced phase and memory run: offered events/s")
+    p.add_argument(
+        "--phases", default="overhead,capacity,paced", help="which of overhead,capacity,paced to run"
+    )
+    p.add_argument(
+        "--capacity-n", type=int, default=1_000_000, help="capacity: opens into the paused sensor's ring"
+    )
+    p.add_argument("--capacity-procs", type=int, default=2, help="capacity: storm processes filling the ring")
+    p.add_argument("--capacity-trials", type=int, default=1, help="capacity: runs per reader, alternating")
+    p.add_argument("--paced-s", type=int, default=10, help="paced phase: seconds at --rate")
     a = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (BPF, cgroups)")
@@ -481,7 +665,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="as-bench-") as tmp, TansuBroker() as broker:
         b = Bench(a, Path(tmp))
         try:
-            return memory_run(b, broker) if a.minutes else overhead_run(b, broker)
+            if a.minutes:
+                return memory_run(b, broker)
+            phases = set(a.phases.split(","))
+            ok = overhead_run(b, broker) == 0 if "overhead" in phases else True
+            shipping: list[bool] = []
+            if "capacity" in phases:
+                shipping.append(capacity_run(b, broker))
+            if "paced" in phases:
+                shipping.append(paced_run(b, broker))
+            if len(shipping) == 2:
+                print(f"\ntarget shipped >= 300,000 events/s with no loss at an offered {a.rate:,}/s: "
+                      f"{'ok' if all(shipping) else 'MISSED'}")  # fmt: skip
+            return 0 if ok and all(shipping) else 1
         finally:
             b.cleanup()
 
