@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from enforcer.control import (
     DEFAULT_PREFIX,
     CgroupRecord,
-    ControlError,
     ControlTopics,
     ControlView,
     encode,
@@ -44,6 +43,7 @@ from enforcer.control import cgroup_key as cgroup_index_key  # this module's cgr
 from enforcer.envelope import FIXED_LEN, NODE_MAX, encode_batch
 from enforcer.errors import ArmorstreamError
 from enforcer.records import DTYPES, Visibility
+from sensor.control_follow import follow_control
 from sensor.drain import BPF_OUTPUT, Drain, boot_wall_ns
 from sensor.identity import CgroupIndex, Identity, IdentityError, Resolver
 from sensor.libbpf import PIN_ROOT, BpfError, Map, ensure_bpffs
@@ -359,32 +359,14 @@ class ControlFollower:
 
     async def run(self, stop: asyncio.Event) -> None:
         t = self.view.topics
-        while not stop.is_set():
-            consumer = AIOKafkaConsumer(t.containers, t.namespaces, bootstrap_servers=self.config.broker,
-                                        group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=200,
-                                        request_timeout_ms=self.config.request_timeout_ms)  # fmt: skip
-            try:
-                await consumer.start()
-                while not stop.is_set():
-                    got = await consumer.getmany(timeout_ms=200)
-                    n = 0
-                    for tp, msgs in got.items():
-                        for m in msgs:
-                            try:
-                                self.view.apply(tp.topic, m.key, m.value)
-                                n += 1
-                            except ControlError as e:
-                                log.warning("skipping control record at %s offset %d: %s", tp, m.offset, e)
-                    if n:
-                        self.applied += n
-                        self.changed()
-            except (KafkaError, OSError, TimeoutError) as e:
-                log.info("control topics not readable yet: %s", e)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-            finally:
-                with contextlib.suppress(KafkaError, OSError, TimeoutError):
-                    await asyncio.wait_for(consumer.stop(), 5)
+
+        async def changed(n: int) -> None:
+            self.applied += n
+            self.changed()
+
+        await follow_control(self.view, [t.containers, t.namespaces], broker=self.config.broker,
+                             request_timeout_ms=self.config.request_timeout_ms, stop=stop,
+                             on_change=changed)  # fmt: skip
 
 
 class Agent:

@@ -37,8 +37,6 @@ from typing import Final
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
 
 from enforcer.backends import Backend, Selection, select
 from enforcer.compiler import CompiledSet, Decision, FpKind, compile_workload
@@ -58,6 +56,7 @@ from enforcer.policy.model import Action, Policy, Target
 from enforcer.policy.parse import parse_policy
 from enforcer.records import AS_SCHEMA_VERSION, DTYPES, EXEC_DTYPE, FILE_DTYPE, Flag, Kind, Visibility
 from enforcer.workload import DefaultPosture, Posture
+from sensor.control_follow import follow_control
 from sensor.drain import Batch
 from sensor.enforce import LSM_OBJ, NETBLOCK_OBJ, EnforceError, KernelRules, probe
 from sensor.identity import Identity
@@ -531,33 +530,13 @@ class EnforcementAgent:
     # ---- the control topics ----------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the control topics until `stop`; every change is cached and reconciled."""
-        t = self.topics
-        while not stop.is_set():
-            consumer = AIOKafkaConsumer(*t.all(), bootstrap_servers=self.config.broker, group_id=None,
-                                        auto_offset_reset="earliest", fetch_max_wait_ms=200,
-                                        metadata_max_age_ms=2000,
-                                        request_timeout_ms=self.config.request_timeout_ms)  # fmt: skip
-            try:
-                await consumer.start()
-                while not stop.is_set():
-                    got = await consumer.getmany(timeout_ms=200)
-                    n = 0
-                    for tp, msgs in got.items():
-                        for m in msgs:
-                            try:
-                                self.view.apply(tp.topic, m.key, m.value)
-                                n += 1
-                            except ControlError as e:
-                                log.warning("skipping control record at %s offset %d: %s", tp, m.offset, e)
-                    if n:
-                        self.applied += n
-                        await asyncio.to_thread(self.cache.save, self.view)
-                        self._dirty = True
-                        self.reconcile()
-            except (KafkaError, OSError, TimeoutError) as e:
-                log.info("control topics not readable yet (enforcing from the local cache): %s", e)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-            finally:
-                with contextlib.suppress(KafkaError, OSError, TimeoutError):
-                    await asyncio.wait_for(consumer.stop(), 5)
+
+        async def changed(n: int) -> None:
+            self.applied += n
+            await asyncio.to_thread(self.cache.save, self.view)
+            self._dirty = True
+            self.reconcile()
+
+        await follow_control(self.view, self.topics.all(), broker=self.config.broker,
+                             request_timeout_ms=self.config.request_timeout_ms, stop=stop, on_change=changed,
+                             unreachable="control topics not readable yet (enforcing from the local cache)")
