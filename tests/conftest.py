@@ -37,6 +37,17 @@ def need_tool(name: str) -> str:
     return path
 
 
+def need_cgroup2() -> Path:
+    """The cgroup v2 mount, found the way the sensor finds it."""
+    from sensor.identity import IdentityError, cgroup2_mount
+
+    try:
+        return cgroup2_mount()
+    except IdentityError as e:
+        need(False, str(e))
+        raise
+
+
 @pytest.fixture(scope="session")
 def examples_dir() -> Path:
     need(EXAMPLES.is_dir(), f"KubeArmor examples not found at {EXAMPLES}")

@@ -22,16 +22,7 @@ from typing import Any
 import numpy as np
 
 from enforcer.envelope import decode_batch, encode_batch
-from tests.conftest import ROOT, need, need_root, need_tool
-
-
-def cgroup2_root() -> Path | None:
-    with open("/proc/mounts") as f:
-        for line in f:
-            _, mnt, fstype, *_ = line.split()
-            if fstype == "cgroup2":
-                return Path(mnt)
-    return None
+from tests.conftest import ROOT, need, need_cgroup2, need_root, need_tool
 
 
 @dataclass
@@ -50,9 +41,7 @@ def cgroups(obj: str) -> Iterator[Cgroups]:
     need_tool("clang")
     need_tool("bpftool")
     need(Path("/sys/kernel/btf/vmlinux").exists(), "needs kernel BTF at /sys/kernel/btf/vmlinux")
-    cg_root = cgroup2_root()
-    need(cg_root, "needs a cgroup v2 mount")
-    assert cg_root is not None
+    cg_root = need_cgroup2()
     subprocess.run(["make", "-s", "-C", str(ROOT / "bpf"), f".output/{obj}"], check=True)
 
     from sensor.libbpf import ensure_bpffs

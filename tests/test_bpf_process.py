@@ -22,18 +22,10 @@ import pytest
 from enforcer import records
 from enforcer.envelope import decode_batch, encode_batch
 from enforcer.records import Kind
-from tests.conftest import ROOT, need, need_root, need_tool
+from tests.conftest import ROOT, need, need_cgroup2, need_root, need_tool
 
 pytestmark = [pytest.mark.root, pytest.mark.kernel]
 
-
-def cgroup2_root() -> Path | None:
-    with open("/proc/mounts") as f:
-        for line in f:
-            _, mnt, fstype, *_ = line.split()
-            if fstype == "cgroup2":
-                return Path(mnt)
-    return None
 
 
 @dataclass
@@ -50,9 +42,7 @@ def env() -> Iterator[Env]:
     need_tool("clang")
     need_tool("bpftool")
     need(Path("/sys/kernel/btf/vmlinux").exists(), "needs kernel BTF at /sys/kernel/btf/vmlinux")
-    cg_root = cgroup2_root()
-    need(cg_root, "needs a cgroup v2 mount")
-    assert cg_root is not None
+    cg_root = need_cgroup2()
     subprocess.run(["make", "-s", "-C", str(ROOT / "bpf"), ".output/process.bpf.o"], check=True)
 
     from sensor.libbpf import ensure_bpffs

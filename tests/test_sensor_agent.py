@@ -25,7 +25,7 @@ import pytest
 from enforcer import records
 from enforcer.envelope import BatchHeader, decode_batch
 from enforcer.records import EXIT_DTYPE, Kind, Visibility
-from tests.conftest import ROOT, need, need_root, need_tool
+from tests.conftest import ROOT, need, need_cgroup2, need_root, need_tool
 
 TOPIC = "armorstream.raw"
 
@@ -72,14 +72,6 @@ class Container:
     pin_dir: Path
 
 
-def cgroup2() -> Path | None:
-    with open("/proc/mounts") as f:
-        for line in f:
-            _, mnt, fstype, *_ = line.split()
-            if fstype == "cgroup2":
-                return Path(mnt)
-    return None
-
 
 def remove_tree(top: Path) -> None:
     if top.exists():
@@ -94,9 +86,7 @@ def container() -> Iterator[Container]:
     need_tool("clang")
     need_tool("bpftool")
     need(Path("/sys/kernel/btf/vmlinux").exists(), "needs kernel BTF at /sys/kernel/btf/vmlinux")
-    root = cgroup2()
-    need(root, "needs a cgroup v2 mount")
-    assert root is not None
+    root = need_cgroup2()
     subprocess.run(["make", "-s", "-C", str(ROOT / "bpf"), ".output/process.bpf.o"], check=True)
     run = uuid.uuid4().hex
     uid, cid = str(uuid.uuid4()), run + uuid.uuid4().hex
