@@ -36,7 +36,7 @@ __all__ = ["stream"]
               help="Per container, as KubeArmor's maxAlertPerSec.")
 @click.option("--throttle-sec", default=30, show_default=True, type=click.IntRange(0))
 @click.option("--no-throttle", is_flag=True, help="Send every alert.")
-@click.option("--take-max", default=64, show_default=True, type=click.IntRange(1),
+@click.option("--take-max", default=32, show_default=True, type=click.IntRange(1),
               help="Raw messages (batches) processed per step.")
 @click.option("--idempotent-producer", is_flag=True,
               help="Use Kafka's idempotent producer (real Kafka only: tansu lacks InitProducerId).")

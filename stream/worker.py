@@ -123,7 +123,7 @@ class Verdicts:
     misses: int = 0
     _index: dict[Decision, int] = field(default_factory=dict)
     _cache: dict[tuple[ContainerMeta | None, str], dict[RowKey, int]] = field(default_factory=dict)
-    _blocked: dict[tuple[int, bool], int] = field(default_factory=dict)
+    _blocked: dict[tuple[int, int, bool], int] = field(default_factory=dict)
     _cached: int = 0
 
     def set_matcher(self, matcher: Matcher | None) -> None:
