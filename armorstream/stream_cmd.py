@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import threading
+from typing import Any
 
 import click
 
@@ -40,13 +44,16 @@ __all__ = ["stream"]
               help="Raw messages (batches) processed per step.")
 @click.option("--idempotent-producer", is_flag=True,
               help="Use Kafka's idempotent producer (real Kafka only: tansu lacks InitProducerId).")
+@click.option("--shutdown-timeout", default=20.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds a stop signal may take; then the worker exits anyway (unacked batches are "
+                   "redelivered and deduplicated), e.g. when the broker is gone.")
 @click.option("--log-level", default="warn", show_default=True,
               type=click.Choice(["crit", "error", "warn", "info", "debug"]))
 def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: str, logs_topic: str,
            dead_letter_topic: str, control_prefix: str, partitions: int, siem_partitions: int,
            no_create_topics: bool, app_id: str, cluster: str, late_wait: float, late_max_events: int,
            max_alerts_per_sec: int, throttle_sec: int, no_throttle: bool, take_max: int,
-           idempotent_producer: bool, log_level: str) -> None:
+           idempotent_producer: bool, shutdown_timeout: float, log_level: str) -> None:
     """Turn raw sensor batches into KubeArmor alerts and logs on Kafka (and history in ClickHouse)."""
     import faust
 
@@ -72,5 +79,30 @@ def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: st
         loop.close()
         raise click.ClickException(f"cannot start the stream worker: {e or 'broker did not answer'}") from e
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
-    worker = faust.Worker(app, runtime, loop=loop, loglevel=log_level, quiet=True, redirect_stdouts=False)
+    worker = _worker_class(faust.Worker, shutdown_timeout)(
+        app, runtime, loop=loop, loglevel=log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
+
+
+def _worker_class(base: type[Any], timeout: float) -> type[Any]:
+    """Faust's worker, with a deadline on shutdown.
+
+    Faust's graceful stop waits on the broker (commit, leave group); with the broker gone it
+    waits forever and a supervisor's SIGTERM never ends the process. Offsets are committed
+    only after delivery, so exiting unclean loses nothing: the batches are redelivered.
+    """
+
+    class Worker(base):  # type: ignore[misc]
+        def _schedule_shutdown(self, signum: signal.Signals) -> None:
+            def expire() -> None:
+                logging.getLogger(__name__).warning(
+                    "shutdown took more than %.0fs (broker unreachable?): exiting; unacked batches "
+                    "will be redelivered", timeout)
+                os._exit(1)
+
+            t = threading.Timer(timeout, expire)
+            t.daemon = True
+            t.start()
+            super()._schedule_shutdown(signum)
+
+    return Worker
