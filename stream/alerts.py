@@ -58,6 +58,20 @@ class CodedGroup(Protocol):
     missing: bool
 
 
+def merge_decisions(gs: Sequence[CodedGroup]) -> tuple[list[Decision], pa.Array]:
+    """The groups' decision tables (usually one shared list) as one, and every row's code into it."""
+    offsets: dict[int, int] = {}
+    table: list[Decision] = []
+    codes = []
+    for g in gs:
+        off = offsets.get(id(g.table))
+        if off is None:
+            off = offsets[id(g.table)] = len(table)
+            table.extend(g.table)
+        codes.append(g.codes.astype(np.int32) + np.int32(off))
+    return table, pa.array(np.concatenate(codes))
+
+
 @dataclass
 class AlertThrottle:
     """Per-container alert budget, as KubeArmor's alertThrottling/maxAlertPerSec/throttleSec."""
@@ -206,17 +220,7 @@ class SiemEncoder:
             prefixes.append(wl[:-1] + b',"Timestamp":')
             ops.append(b',"Operation":' + orjson.dumps(cols.operation) + b',"Resource":')
 
-        # Decisions: the groups' tables (usually one shared list) as one, each row a code into it.
-        offsets: dict[int, int] = {}
-        table: list[Decision] = []
-        codes = []
-        for g in gs:
-            off = offsets.get(id(g.table))
-            if off is None:
-                off = offsets[id(g.table)] = len(table)
-                table.extend(g.table)
-            codes.append(g.codes.astype(np.int32) + np.int32(off))
-        code = pa.array(np.concatenate(codes))
+        table, code = merge_decisions(gs)
         parts = [self._parts.get(d) or self._parts.setdefault(d, _parts(d)) for d in table]
         alert = np.array([p.alert for p in parts])[code.to_numpy()]
 

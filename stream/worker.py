@@ -36,7 +36,7 @@ from enforcer.policy.parse import parse_policy
 from enforcer.records import Flag, Kind
 from enforcer.verdict import DENIED, Verdict
 from enforcer.workload import DefaultPosture, Workload
-from stream.alerts import Decision, SiemBatch, SiemEncoder
+from stream.alerts import Decision, SiemBatch, SiemEncoder, merge_decisions
 from stream.decode import EventColumns, ProcessTable, decode_records, result_strings
 from stream.join import AckToken, ContainerMeta, LateBuffer, MetadataState, Pending, split_by_cgroup
 from stream.store.schema import EVENT_COLUMNS
@@ -402,16 +402,7 @@ def groups_table(groups: Sequence[Group], cluster: str) -> pa.Table:
                           pa.string())
 
     # Decisions: a handful of distinct values, spread over the rows by their codes.
-    offsets: dict[int, int] = {}
-    ds: list[Decision] = []
-    codes = []
-    for g in gs:
-        off = offsets.get(id(g.table))
-        if off is None:
-            off = offsets[id(g.table)] = len(ds)
-            ds.extend(g.table)
-        codes.append(g.codes.astype(np.int32) + np.int32(off))
-    didx = pa.array(np.concatenate(codes))
+    ds, didx = merge_decisions(gs)
     for name, attr in (("PolicyName", "policy_name"), ("Severity", "severity"), ("Tags", "tags"),
                        ("Message", "message"), ("Type", "type"), ("Enforcer", "enforcer"),
                        ("Action", "action")):
