@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from enforcer.errors import ArmorstreamError
 
-__all__ = ["PIN_ROOT", "BpfError", "Link", "Map", "Object", "RingBuffer", "ensure_bpffs"]
+__all__ = ["PIN_ROOT", "BpfError", "Link", "Map", "Object", "RecordBuffers", "RingBuffer", "ensure_bpffs"]
 
 PIN_ROOT: Final = Path("/sys/fs/bpf/armorstream")
 
@@ -300,7 +300,27 @@ class Object:
             self._ptr = None
 
 
-class RingBuffer:
+class RecordBuffers:
+    """Raw records per kind (the low byte of a record's leading u16 kind), as both ring
+    readers keep them: `held` bytes in all; `take()` hands them over and resets."""
+
+    def __init__(self, high_water: int) -> None:
+        self.pending: list[bytearray] = [bytearray() for _ in range(256)]
+        self.held = 0
+        self.high_water = high_water
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """(kind, raw records) for every kind with pending bytes; the buffers are reset."""
+        out = []
+        for kind, buf in enumerate(self.pending):
+            if buf:
+                out.append((kind, bytes(buf)))
+                buf.clear()
+        self.held = 0
+        return out
+
+
+class RingBuffer(RecordBuffers):
     """One or more BPF ring buffers polled together.
 
     Records are appended, raw, to `pending[kind]` (the low byte of the record's leading
@@ -311,9 +331,7 @@ class RingBuffer:
     def __init__(self, maps: list[Map], high_water: int = 4 << 20) -> None:
         if not maps:
             raise BpfError("ring buffer needs a map", errno.EINVAL)
-        self.pending: list[bytearray] = [bytearray() for _ in range(256)]
-        self.held = 0
-        self.high_water = high_water
+        super().__init__(high_water)
         self._full = False
         self._cb = _SAMPLE_FN(self._on_sample)  # keep a reference: libbpf holds the pointer
         self._where = ", ".join(m.name for m in maps)
@@ -345,16 +363,6 @@ class RingBuffer:
     def consume(self) -> int:
         """Take whatever is available now, without waiting."""
         return self._done(_rb_consume(self._require()), "ring_buffer__consume")
-
-    def take(self) -> list[tuple[int, bytes]]:
-        """(kind, raw records) for every kind with pending bytes; the buffers are reset."""
-        out = []
-        for kind, buf in enumerate(self.pending):
-            if buf:
-                out.append((kind, bytes(buf)))
-                buf.clear()
-        self.held = 0
-        return out
 
     def _require(self) -> int:
         if not self._ptr:

@@ -36,7 +36,7 @@ from typing import Final
 
 import numpy as np
 
-from sensor.libbpf import BPF_MAP_TYPE_RINGBUF, BpfError, Map
+from sensor.libbpf import BPF_MAP_TYPE_RINGBUF, BpfError, Map, RecordBuffers
 
 __all__ = [
     "BUSY_BIT",
@@ -178,7 +178,7 @@ class _Mapped:
         self.ro.close()
 
 
-class MmapRing:
+class MmapRing(RecordBuffers):
     """One or more BPF ring buffers read from shared memory, with libbpf RingBuffer's API.
 
     Records are appended, raw, to `pending[kind]`; a consume stops once `held` reaches
@@ -191,9 +191,7 @@ class MmapRing:
             raise BpfError("ring buffer needs a map", errno.EINVAL)
         if not mmap_supported():
             raise BpfError(f"mmap ring reader needs x86-64, not {platform.machine()}", errno.ENOTSUP)
-        self.pending: list[bytearray] = [bytearray() for _ in range(256)]
-        self.held = 0
-        self.high_water = high_water
+        super().__init__(high_water)
         self._where = ", ".join(m.name for m in maps)
         self._rings: list[_Mapped] = []
         self._epoll: select.epoll | None = select.epoll()
@@ -233,16 +231,6 @@ class MmapRing:
         if self._epoll.poll(max(timeout_ms, 0) / 1000 if timeout_ms >= 0 else -1):
             return self.consume()
         return 0
-
-    def take(self) -> list[tuple[int, bytes]]:
-        """(kind, raw records) for every kind with pending bytes; the buffers are reset."""
-        out = []
-        for kind, buf in enumerate(self.pending):
-            if buf:
-                out.append((kind, bytes(buf)))
-                buf.clear()
-        self.held = 0
-        return out
 
     def positions(self) -> list[tuple[int, int]]:
         """(consumer_pos, producer_pos) of each ring, for tests and diagnostics."""
