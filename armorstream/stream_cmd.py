@@ -44,6 +44,9 @@ __all__ = ["stream"]
               help="Raw messages (batches) processed per step.")
 @click.option("--idempotent-producer", is_flag=True,
               help="Use Kafka's idempotent producer (real Kafka only: tansu lacks InitProducerId).")
+@click.option("--siem-compression", default="zstd", show_default=True,
+              type=click.Choice(["zstd", "lz4", "snappy", "gzip", "none"]),
+              help="Codec of the alerts, logs and dead-letter producer (aiokafka's lz4 is LZ4HC: slow).")
 @click.option("--shutdown-timeout", default=20.0, show_default=True, type=click.FloatRange(1),
               help="Seconds a stop signal may take; then the worker exits anyway (unacked batches are "
                    "redelivered and deduplicated), e.g. when the broker is gone.")
@@ -53,7 +56,7 @@ def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: st
            dead_letter_topic: str, control_prefix: str, partitions: int, siem_partitions: int,
            no_create_topics: bool, app_id: str, cluster: str, late_wait: float, late_max_events: int,
            max_alerts_per_sec: int, throttle_sec: int, no_throttle: bool, take_max: int,
-           idempotent_producer: bool, shutdown_timeout: float, log_level: str) -> None:
+           idempotent_producer: bool, siem_compression: str, shutdown_timeout: float, log_level: str) -> None:
     """Turn raw sensor batches into KubeArmor alerts and logs on Kafka (and history in ClickHouse)."""
     import faust
 
@@ -68,6 +71,7 @@ def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: st
         take_max=take_max, late_wait_s=late_wait, late_max_events=late_max_events, throttle=not no_throttle,
         max_alerts_per_sec=max_alerts_per_sec, throttle_s=throttle_sec, clickhouse=clickhouse,
         idempotent_producer=idempotent_producer,
+        siem_compression=None if siem_compression == "none" else siem_compression,
     )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -125,6 +125,7 @@ class StreamRuntime(mode.Service):
         self.producer = AIOKafkaProducer(
             bootstrap_servers=s.broker, acks="all", enable_idempotence=s.idempotent_producer,
             linger_ms=5, max_batch_size=512 * 1024, max_request_size=4 * 1024 * 1024,
+            compression_type=s.siem_compression,
         )
         self.control = AIOKafkaConsumer(
             *self.processor.state.topics(), bootstrap_servers=s.broker, group_id=None,
