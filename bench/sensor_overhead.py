@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -56,6 +57,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,7 @@ from enforcer.envelope import decode_batch
 from enforcer.records import Kind
 from sensor.agent import build_objects
 from sensor.identity import cgroup2_mount
+from sensor.libbpf import Object
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "armorstream.raw"
@@ -386,6 +389,30 @@ def report_rss(probe: RssProbe | None) -> str:
     return f"start {mib[0]:.1f} MiB, peak {max(mib):.1f} MiB, end {mib[-1]:.1f} MiB ({len(mib)} samples)"
 
 
+FLOOR_VISIBILITY = "process,file"  # the hooks bench/floor.bpf.c covers
+
+
+def build_floor(work: Path) -> Path:
+    """bench/floor.bpf.c against the vmlinux.h that `make -C bpf` generated."""
+    out = work / "floor.bpf.o"
+    vmlinux = ROOT / "bpf" / ".output"
+    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", f"-I{vmlinux}", "-c",
+                    str(ROOT / "bench" / "floor.bpf.c"), "-o", str(out)], check=True)  # fmt: skip
+    return out
+
+
+@contextlib.contextmanager
+def floor_attached(obj_path: Path) -> Iterator[None]:
+    with Object(obj_path) as obj:
+        obj.load()
+        links = obj.attach_all()
+        try:
+            yield
+        finally:
+            for link in links:
+                link.close()
+
+
 def overhead_run(b: Bench, broker: TansuBroker) -> int:
     a = b.args
     storms = {"exec": b.exec_storm, "open": b.open_storm}
@@ -397,10 +424,16 @@ def overhead_run(b: Bench, broker: TansuBroker) -> int:
     ship_rates: list[tuple[float, float, float]] = []  # (offered/s, acked/s, seconds)
     drops = {"kernel": 0, "user": 0, "seen": 0, "shipped": 0}
     cpu = 0.0
+    floor = build_floor(b.work) if a.visibility == FLOOR_VISIBILITY else None
+    phases = ("none", "floor", "other", "watched") if floor else ("none", "other", "watched")
     # Rounds interleave the phases so that load from other processes drifts into all of them.
     for _ in range(a.trials):
         for name, fn in storms.items():
             res.setdefault((name, "none"), []).append(fn(b.unwatched))
+        if floor is not None:
+            with floor_attached(floor):
+                for name, fn in storms.items():
+                    res.setdefault((name, "floor"), []).append(fn(b.unwatched))
         b.start_sensor(broker.bootstrap)
         for name, fn in storms.items():
             res.setdefault((name, "other"), []).append(fn(b.unwatched))
@@ -431,7 +464,7 @@ def overhead_run(b: Bench, broker: TansuBroker) -> int:
     for name in storms:
         base = best_sample(res[(name, "none")])
         mbase = median_sample(res[(name, "none")])
-        for phase in ("none", "other", "watched"):
+        for phase in phases:
             per = best_sample(res[(name, phase)])
             med = median_sample(res[(name, phase)])
             ratio = per / base
@@ -444,6 +477,15 @@ def overhead_run(b: Bench, broker: TansuBroker) -> int:
                 print(f"       trials ops/s: {rates}")
             print(f"{name:<6} {phase:<8} {1e9 / per:>12,.0f} {ratio:>6.3f}x {goal:>7} {verdict:<6} "
                   f"{1e9 / med:>12,.0f} {med / mbase:>6.3f}x")  # fmt: skip
+
+    if floor is not None:
+        print("floor = do-nothing programs on the same hooks (bench/floor.bpf.c): any syscall tracepoint "
+              "puts every task's syscalls on the kernel's traced slow path, a cost no in-program filter "
+              "can avoid (kprobes, fentry and BPF-LSM, which could see opens without it, are refused on "
+              "this kernel)")
+        for name in storms:
+            fl, other = best_sample(res[(name, "floor")]), best_sample(res[(name, "other")])
+            print(f"  {name}: the sensor watching others costs {other / fl:.3f}x the floor")
 
     counts = count_topic(broker.bootstrap, b.watched.stat().st_ino, str(b.target).encode())
     want = {"EXEC": watched_ops["exec"], "FORK": watched_ops["exec"], "EXIT": watched_ops["exec"],

@@ -44,14 +44,16 @@ static __always_inline struct as_path_scratch *as_scratch(void)
  * part). Returns AS_F_TRUNC_PATH if the path did not fit or was deeper than
  * AS_MAX_DEPTH, else 0.
  */
-static __always_inline __u32 as_path_len(struct dentry *d, struct vfsmount *vm, struct path *root, char *out,
-					 __u32 *len)
+static __always_inline __u32 as_path_len(struct dentry *dentry, struct vfsmount *vfsmount, struct path *root,
+					 char *out, __u32 *len)
 {
 	__u32 pos = AS_PATH_LEN - 1, trunc = AS_F_TRUNC_PATH;
 	struct as_path_scratch *s = as_scratch();
-	struct dentry *root_d = BPF_CORE_READ(root, dentry);
-	struct vfsmount *root_mnt = BPF_CORE_READ(root, mnt);
-	struct mount *mnt = container_of(vm, struct mount, mnt);
+	struct dentry *d = as_cast(dentry, struct dentry);
+	struct vfsmount *vm = as_cast(vfsmount, struct vfsmount);
+	struct dentry *root_d = root->dentry;
+	struct vfsmount *root_mnt = root->mnt;
+	struct mount *mnt = as_cast(container_of(vfsmount, struct mount, mnt), struct mount);
 
 	*len = 0;
 	if (!s)
@@ -62,30 +64,29 @@ static __always_inline __u32 as_path_len(struct dentry *d, struct vfsmount *vm, 
 			trunc = 0;
 			break;
 		}
-		if (d == BPF_CORE_READ(vm, mnt_root)) {
-			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
+		if (d == vm->mnt_root) {
+			struct mount *up = mnt->mnt_parent;
 
 			if (up == mnt) { /* root of the mount namespace */
 				trunc = 0;
 				break;
 			}
-			d = BPF_CORE_READ(mnt, mnt_mountpoint);
+			d = mnt->mnt_mountpoint;
 			mnt = up;
 			vm = &up->mnt;
 			continue;
 		}
-		struct dentry *parent = BPF_CORE_READ(d, d_parent);
+		struct dentry *parent = d->d_parent;
 		if (parent == d) { /* root of a filesystem that is not mounted here */
 			trunc = 0;
 			break;
 		}
-		struct qstr name = BPF_CORE_READ(d, d_name);
-		__u32 n = name.len & (AS_PATH_LEN - 1);
+		__u32 n = d->d_name.len & (AS_PATH_LEN - 1);
 
 		if (n + 1 > pos)
 			break; /* does not fit: trunc stays set */
 		pos = (pos - n - 1) & (AS_PATH_LEN - 1);
-		bpf_probe_read_kernel(&s->walk[pos + 1], n, name.name);
+		bpf_probe_read_kernel(&s->walk[pos + 1], n, d->d_name.name);
 		s->walk[pos] = '/';
 		d = parent;
 	}
@@ -110,13 +111,12 @@ static __always_inline __u32 as_path(struct dentry *d, struct vfsmount *vm, stru
 /* The struct file behind `fd` in `t`'s fd table, or NULL. */
 static __always_inline struct file *as_fd_file(struct task_struct *t, int fd)
 {
-	struct fdtable *fdt = BPF_CORE_READ(t, files, fdt);
-	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct fdtable *fdt = as_cast(t, struct task_struct)->files->fdt;
 	struct file *f = 0;
 
-	if (fd < 0 || (__u32)fd >= BPF_CORE_READ(fdt, max_fds))
+	if (fd < 0 || (__u32)fd >= fdt->max_fds)
 		return 0;
-	bpf_core_read(&f, sizeof(f), &fds[fd]);
+	bpf_probe_read_kernel(&f, sizeof(f), as_untyped(fdt->fd) + (__u64)(__u32)fd * sizeof(f));
 	return f;
 }
 

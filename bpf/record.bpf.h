@@ -30,25 +30,25 @@ static __always_inline bool as_visible(__u64 cgid, struct task_struct *t, __u32 
 }
 
 /* Identity of `t`, which must be the current task (uid/gid and comm come from helpers). */
-static __always_inline void as_fill_hdr(struct as_hdr *h, struct task_struct *t, __u16 kind, __u32 size,
+static __always_inline void as_fill_hdr(struct as_hdr *h, struct task_struct *task, __u16 kind, __u32 size,
 					__u64 cgid, __u32 flags)
 {
-	struct task_struct *parent = BPF_CORE_READ(t, real_parent);
-	__u32 level = as_pid_level(t);
-	struct pid *pid = BPF_CORE_READ(t, group_leader, thread_pid);
-	struct upid up = {};
+	struct task_struct *t = as_cast(task, struct task_struct);
+	struct task_struct *parent = t->real_parent;
+	struct pid *pid = t->group_leader->thread_pid;
+	__u32 level = pid->level;
+	struct upid up = as_upid_at(pid, level);
 	__u64 ugid = bpf_get_current_uid_gid();
 
-	bpf_core_read(&up, sizeof(up), &pid->numbers[level & 31]);
 	h->kind = kind;
 	h->version = AS_SCHEMA_VERSION;
 	h->size = size;
 	h->ktime_ns = as_boot_ns();
 	h->cgroup_id = cgid;
-	h->pid_ns = BPF_CORE_READ(up.ns, ns.inum);
-	h->mnt_ns = BPF_CORE_READ(t, nsproxy, mnt_ns, ns.inum);
-	h->host_pid = BPF_CORE_READ(t, tgid);
-	h->host_ppid = BPF_CORE_READ(parent, tgid);
+	h->pid_ns = as_cast(up.ns, struct pid_namespace)->ns.inum;
+	h->mnt_ns = t->nsproxy->mnt_ns->ns.inum;
+	h->host_pid = t->tgid;
+	h->host_ppid = parent->tgid;
 	h->pid = up.nr;
 	h->ppid = as_tgid_at(parent, level);
 	h->uid = (__u32)ugid;
