@@ -6,7 +6,7 @@
  *
  * Hooks: the per-syscall tracepoints (syscalls/sys_enter_* and sys_exit_*), which
  * load everywhere and cost unwatched tasks one hash lookup on open only. Kernel
- * structs are read with plain loads through as_cast (compat.bpf.h), not helpers. No
+ * structs are read with plain loads through as_cast (cast.bpf.h), not helpers. No
  * tracepoint carries the opened struct file, so enter stashes the arguments by
  * thread id (as bcc's opensnoop does) and exit completes the record:
  *  - success: the path is the opened file's own (struct file from the fd table,

@@ -9,6 +9,7 @@
 #define __AS_PATH_BPF_H
 
 #include "armorstream.h"
+#include "cast.bpf.h"
 #include "compat.bpf.h"
 
 #define AS_MAX_DEPTH 40 /* path components walked before giving up (AS_F_TRUNC_PATH) */

@@ -8,6 +8,7 @@
 #define __AS_RECORD_BPF_H
 
 #include "armorstream.h"
+#include "cast.bpf.h"
 #include "compat.bpf.h"
 #include "maps.bpf.h"
 
@@ -50,7 +51,7 @@ static __always_inline void as_fill_hdr(struct as_hdr *h, struct task_struct *ta
 	h->host_pid = t->tgid;
 	h->host_ppid = parent->tgid;
 	h->pid = up.nr;
-	h->ppid = as_tgid_at(parent, level);
+	h->ppid = as_tgid_at_fast(parent, level);
 	h->uid = (__u32)ugid;
 	h->gid = ugid >> 32;
 	h->ret = 0;
