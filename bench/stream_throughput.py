@@ -23,6 +23,7 @@ import asyncio
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -101,6 +102,69 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
+class LogCounter:
+    """Counts the records on a topic from the record-batch headers of raw fetches.
+
+    The run ends when the last Log is on the logs topic; a consumer that decompressed and
+    decoded every record (~2.5 us each) would take CPU from the worker it measures on these
+    two shared cores. A v2 batch header holds its record count: nothing else is read.
+    """
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from aiokafka.client import AIOKafkaClient
+
+        self.client = AIOKafkaClient(bootstrap_servers=bootstrap)
+        self.topic = topic
+        self.next: dict[int, int] = {}
+
+    async def start(self) -> None:
+        await self.client.bootstrap()
+        await self.client._wait_on_metadata(self.topic)
+        self.next = dict.fromkeys(self.client.cluster.partitions_for_topic(self.topic) or (), 0)
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+    async def poll(self, max_wait_ms: int = 50) -> int:
+        """Records appended since the last poll (one fetch per partition leader)."""
+        from aiokafka.protocol.fetch import FetchRequest
+        from aiokafka.structs import TopicPartition
+
+        by_leader: dict[int, list[tuple[int, int, int]]] = {}
+        for p, off in self.next.items():
+            leader = self.client.cluster.leader_for_partition(TopicPartition(self.topic, p))
+            by_leader.setdefault(leader, []).append((p, off, 32 << 20))
+        n = 0
+        for leader, parts in by_leader.items():
+            req = FetchRequest(max_wait_ms, 1, 64 << 20, 0, [(self.topic, parts)], rack_id="")
+            resp = await self.client.send(leader, req)
+            for _topic, partitions in resp.topics:
+                for part in partitions:
+                    p, err, data = part[0], part[1], part[-1]
+                    if err:
+                        raise SystemExit(f"fetch {self.topic}/{p}: error {err}")
+                    got, self.next[p] = count_batches(data or b"", self.next[p])
+                    n += got
+        return n
+
+
+def count_batches(buf: bytes, offset: int) -> tuple[int, int]:
+    """(records at or after `offset`, the offset after the last whole batch) in a fetched record set."""
+    n, pos = 0, 0
+    while pos + 61 <= len(buf):
+        base, length = struct.unpack_from(">qi", buf, pos)
+        if pos + 12 + length > len(buf):
+            break  # a partial batch at the end of the fetch
+        last_delta = struct.unpack_from(">i", buf, pos + 23)[0]
+        count = struct.unpack_from(">i", buf, pos + 57)[0]
+        end = base + last_delta + 1
+        if end > offset:  # a batch may start before the offset asked for
+            n += count - max(0, offset - base) if base < offset else count
+            offset = end
+        pos += 12 + length
+    return n, offset
+
+
 async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes,
                    pids: dict[str, int] | None = None) -> tuple[float, dict[str, float]]:
     """Send a warm-up message, wait for its log, then time `msgs` until `want` more logs exist.
@@ -108,9 +172,7 @@ async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes,
     # zstd, as the sensor ships (sensor.shipper.pick_compression's "auto")
     p = AIOKafkaProducer(bootstrap_servers=s.broker, linger_ms=5, max_batch_size=1 << 20,
                          max_request_size=8 << 20, compression_type="zstd")
-    c = AIOKafkaConsumer(s.logs_topic, bootstrap_servers=s.broker, group_id=None,
-                         auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
-                         max_partition_fetch_bytes=32 << 20, fetch_max_wait_ms=50)  # tansu holds each fetch
+    c = LogCounter(s.broker, s.logs_topic)
     await p.start()
     await c.start()
     try:
@@ -120,7 +182,7 @@ async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes,
         while seen < 1:
             if time.monotonic() > deadline:
                 raise SystemExit("worker did not start")
-            seen += sum(len(m) for m in (await c.getmany(timeout_ms=200)).values())
+            seen += await c.poll()
         pids = {**(pids or {}), "bench (producer + consumer)": os.getpid()}
         cpu0 = {k: cpu_s(p) for k, p in pids.items()}
         t0 = time.perf_counter()
@@ -131,12 +193,20 @@ async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes,
             print(f"  produced {len(msgs)} messages in {time.perf_counter() - t0:.2f} s")
         target = seen + want
         marks = [seen + want // 10 * k for k in range(1, 11)]
+        stall = time.monotonic() + 120
         while seen < target:
-            seen += sum(len(m) for m in (await c.getmany(timeout_ms=200, max_records=100_000)).values())
+            got = await c.poll()
+            seen += got
+            stall = time.monotonic() + 120 if got else stall
+            if time.monotonic() > stall:
+                raise SystemExit(f"{s.logs_topic}: {seen - target + want} of {want} logs, none for 120 s")
             while marks and seen >= marks[0] and PROGRESS:
                 print(f"  {marks.pop(0) - target + want} logs at {time.perf_counter() - t0:.2f} s")
         secs = time.perf_counter() - t0
-        return secs, {k: cpu_s(p) - cpu0[k] for k, p in pids.items()}
+        cpu = {k: cpu_s(p) - cpu0[k] for k, p in pids.items()}
+        # The header count, checked by a consumer that reads every record (untimed).
+        await wait_logs(s, seen, exact=True)
+        return secs, cpu
     finally:
         await c.stop()
         await p.stop()
@@ -486,7 +556,7 @@ def embedded_memory_phase(b: TansuBroker, a: argparse.Namespace) -> list[float]:
         stop(w)
 
 
-async def wait_logs(s: StreamSettings, total: int, timeout: float = 120.0) -> None:
+async def wait_logs(s: StreamSettings, total: int, timeout: float = 120.0, exact: bool = False) -> None:
     c = AIOKafkaConsumer(s.logs_topic, bootstrap_servers=s.broker, group_id=None,
                          auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
                          max_partition_fetch_bytes=32 << 20, fetch_max_wait_ms=50)
@@ -497,6 +567,11 @@ async def wait_logs(s: StreamSettings, total: int, timeout: float = 120.0) -> No
             if time.monotonic() > deadline:
                 raise SystemExit(f"only {seen} of {total} logs after {timeout:.0f} s")
             seen += sum(len(m) for m in (await c.getmany(timeout_ms=200, max_records=100_000)).values())
+        if exact:
+            more = sum(len(m) for m in (await c.getmany(timeout_ms=500)).values())
+            if seen + more != total:
+                raise SystemExit(f"{s.logs_topic}: a consumer read {seen + more} records, the header count "
+                                 f"said {total}")
     finally:
         await c.stop()
 
@@ -607,7 +682,7 @@ def main() -> None:
         if a.py_spy:
             spy = Path(sys.executable).parent / "py-spy"
             cmd = [str(spy), "record", "--nonblocking", "-r", "100", "-f", "raw",
-                   "-o", str(a.py_spy.resolve()), "--", *cmd]
+                   "-o", str(a.py_spy.resolve()), *os.environ.get("BENCH_SPY_ARGS", "").split(), "--", *cmd]
         w = start(cmd, a.workdir / "stream.log")
         try:
             msgs = batches(a.events, a.batch)
