@@ -298,8 +298,10 @@ class BatchProcessor:
             return
         host = (cols.flags & Flag.HOST) != 0
         now = self.clock()
-        for cg, rows in split_by_cgroup(cols):
-            part = cols.take(rows)
+        parts = split_by_cgroup(cols)
+        for cg, rows in parts:
+            # The sensor ships one container per envelope: then the batch is the group, uncopied.
+            part = cols if len(parts) == 1 else cols.take(rows)
             if bool(host[rows[0]]):
                 emitted.append(self._emit(part, self.state.host(hdr.node), False, out, token))
                 continue
