@@ -265,14 +265,21 @@ class ClusterState:
     # ---- folding events in ---------------------------------------------------------------
 
     def _sync(self, ev: Sync, up: Update) -> None:
+        self._apply_list(ev, up)
+        # Synced only once its list is in: the list that completes the set then rebinds nothing
+        # item by item, and the first snapshot binds everything once.
         self._synced.add(ev.resource)
+
+    def _apply_list(self, ev: Sync, up: Update) -> None:
         origins: list[tuple[str, int] | None] = [*ev.origins] if ev.origins else [None] * len(ev.items)
         if ev.resource == "pods":
             new = {(p.namespace, p.name): p for p in map(_pod, ev.items)}
+            affected: set[str] = set()
             for gone in set(self._pods) - set(new):
-                self._put_pod(gone, None)
+                affected |= self._put_pod(gone, None, rebind=False)
             for pod_key, pod in new.items():
-                self._put_pod(pod_key, pod)
+                affected |= self._put_pod(pod_key, pod, rebind=False)
+            self._recompute_bindings(affected, set())  # once for the list, not once per pod
         elif ev.resource == "namespaces":
             self._replace("namespaces", {r.name: r for r in map(_namespace, ev.items)})
         elif ev.resource == "nodes":
@@ -339,7 +346,9 @@ class ClusterState:
     def _containers_in(self, namespace: str) -> set[str]:
         return {cid for k in self._pods_by_ns.get(namespace, ()) for cid in self._pods[k].containers}
 
-    def _put_pod(self, key: tuple[str, str], pod: _Pod | None) -> None:
+    def _put_pod(self, key: tuple[str, str], pod: _Pod | None, *, rebind: bool = True) -> set[str]:
+        """Fold one pod in; returns the containers whose bindings it may change (rebound unless
+        `rebind` is False: then the caller rebinds them together)."""
         old = self._pods.pop(key, None)
         if old is not None:
             self._pods_by_ns[key[0]].discard(key)
@@ -354,7 +363,10 @@ class ClusterState:
             assert pod is not None
             self._set("containers", cid, pod.containers[cid])
         labels_changed = old is None or pod is None or old.labels != pod.labels
-        self._recompute_bindings(old_ids ^ new_ids if not labels_changed else old_ids | new_ids, set())
+        affected = old_ids ^ new_ids if not labels_changed else old_ids | new_ids
+        if rebind:
+            self._recompute_bindings(affected, set())
+        return affected
 
     def _put_policy(self, kind: PolicyKind, obj: Obj, origin: tuple[str, int] | None, up: Update,
                     seen: dict[str, str]) -> str | None:
