@@ -47,6 +47,9 @@ __all__ = ["stream"]
 @click.option("--siem-compression", default="zstd", show_default=True,
               type=click.Choice(["zstd", "lz4", "snappy", "gzip", "none"]),
               help="Codec of the alerts, logs and dead-letter producer (aiokafka's lz4 is LZ4HC: slow).")
+@click.option("--resend-stored", is_flag=True,
+              help="Send Alerts and Logs of raw batches ClickHouse already holds (a replay under a new "
+                   "--app-id); by default a re-delivery after a crash is not sent twice.")
 @click.option("--shutdown-timeout", default=20.0, show_default=True, type=click.FloatRange(1),
               help="Seconds a stop signal may take; then the worker exits anyway (unacked batches are "
                    "redelivered and deduplicated), e.g. when the broker is gone.")
@@ -56,7 +59,8 @@ def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: st
            dead_letter_topic: str, control_prefix: str, partitions: int, siem_partitions: int,
            no_create_topics: bool, app_id: str, cluster: str, late_wait: float, late_max_events: int,
            max_alerts_per_sec: int, throttle_sec: int, no_throttle: bool, take_max: int,
-           idempotent_producer: bool, siem_compression: str, shutdown_timeout: float, log_level: str) -> None:
+           idempotent_producer: bool, siem_compression: str, resend_stored: bool, shutdown_timeout: float,
+           log_level: str) -> None:
     """Turn raw sensor batches into KubeArmor alerts and logs on Kafka (and history in ClickHouse)."""
     import faust
 
@@ -72,6 +76,7 @@ def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: st
         max_alerts_per_sec=max_alerts_per_sec, throttle_s=throttle_sec, clickhouse=clickhouse,
         idempotent_producer=idempotent_producer,
         siem_compression=None if siem_compression == "none" else siem_compression,
+        resend_stored=resend_stored,
     )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

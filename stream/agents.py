@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
 
 from enforcer.control import ControlError
+from enforcer.envelope import decode_header
 from enforcer.errors import ArmorstreamError
 from stream.alerts import AlertThrottle, SiemEncoder
 from stream.app import StreamSettings, make_app
@@ -57,6 +58,10 @@ class Sink(Protocol):
     """Where processed groups go for history (ClickHouse). Synchronous: run in a thread."""
 
     def write(self, groups: Sequence[Group]) -> None: ...
+
+    def stored(self, ids: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which raw batches (node, seq) are already stored; empty when that cannot be known."""
+        ...
 
 
 class ClickHouseHistory:
@@ -96,6 +101,16 @@ class ClickHouseHistory:
                     log.warning("ClickHouse unavailable, retrying in %.1fs: %s", self.retry_s, e)
                     time.sleep(self.retry_s)
 
+    def stored(self, ids: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        from stream.store import StoreError
+
+        with self._lock:
+            try:
+                return self.sink.stored_batches(list(ids))
+            except StoreError as e:  # ClickHouse away: send anyway (at least once), the insert waits
+                log.info("stored batches unknown, sending the step: %s", e)
+                return set()
+
     def close(self) -> None:
         self.store.close()
 
@@ -118,6 +133,8 @@ class StreamRuntime(mode.Service):
         self.sent = {"alerts": 0, "logs": 0, "dead": 0}
         self.failure: BaseException | None = None
         self.deliveries: set[asyncio.Future[None]] = set()
+        self._next_offset: dict[int, int] = {}  # raw partition -> the offset that follows the last one
+        self._checking: set[int] = set()  # raw partitions whose batches may be re-deliveries (stored)
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
@@ -148,6 +165,7 @@ class StreamRuntime(mode.Service):
                     await c.stop()
         if isinstance(self.sink, ClickHouseHistory):
             self.sink.close()
+        log.info("stream counters at stop: %s sent=%s", self.processor.counters(), self.sent)
 
     @mode.Service.task
     async def _control_loop(self) -> None:
@@ -223,6 +241,35 @@ class StreamRuntime(mode.Service):
         """Stop the agent after a failed delivery: Kafka re-delivers the unacked messages."""
         if self.failure is not None:
             raise StreamError(f"delivery failed: {self.failure}") from self.failure
+
+    async def stored(self, msgs: Sequence[RawMessage], positions: Sequence[tuple[int, int]]
+                     ) -> set[tuple[str, int]]:
+        """The step's raw batches already in the store: re-deliveries after a crash between the
+        store's insert and the offset commit (Faust commits every few seconds), whose Alerts and
+        Logs went out before.
+
+        Only a partition that starts or jumps (its first message here, or an offset that does
+        not follow the last one: a restart, a rebalance) is checked, one ledger query per step,
+        until a step of it finds nothing stored; a partition read in order costs nothing.
+        `positions` are the messages' (partition, offset)."""
+        if self.sink is None or self.settings.resend_stored:
+            return set()
+        ids: dict[tuple[str, int], int] = {}
+        for m, (part, off) in zip(msgs, positions, strict=True):
+            follows = self._next_offset.get(part) == off
+            self._next_offset[part] = off + 1
+            if follows and part not in self._checking:
+                continue
+            self._checking.add(part)
+            with contextlib.suppress(ArmorstreamError):  # a malformed one goes to the dead letters
+                hdr = decode_header(m.value)
+                ids[(hdr.node, hdr.seq)] = part
+        if not ids:
+            return set()
+        found = await asyncio.get_running_loop().run_in_executor(None, self.sink.stored, list(ids))
+        for part in set(ids.values()) - {ids[i] for i in found if i in ids}:
+            self._checking.discard(part)  # caught up with what the store has
+        return found
 
     async def deliver(self, out: Output) -> None:
         """Send everything in `out`, store it, then release (and ack) what it came from."""
@@ -345,7 +392,8 @@ def build(settings: StreamSettings, sink: Sink | None = None) -> tuple[faust.App
                 km = ev.message
                 origin = f"{km.topic}/{km.partition}/{km.offset}"
                 msgs.append(RawMessage(ev.value, ev.key, origin, AckToken(ev)))
-            out = processor.process_many(msgs)
+            stored = await runtime.stored(msgs, [(ev.message.partition, ev.message.offset) for ev in events])
+            out = processor.process_many(msgs, stored)
             out.released.extend(m.token for m in msgs if m.token is not None)
             # Deliver while the next step is decoded; at most max_inflight steps are in the
             # air, so a slow broker or store pushes back instead of filling memory.

@@ -38,6 +38,9 @@ class StreamSettings:
     # for Log JSON several-fold, tansu's CPU here ~5x; aiokafka's lz4 is LZ4HC (level 9),
     # 5x slower to make than zstd-3 (bench/stream_throughput.py). None: uncompressed.
     siem_compression: str | None = "zstd"
+    # Re-delivered raw batches the store already holds are not sent to the SIEM topics again
+    # (StreamRuntime.stored); True sends them anyway (a deliberate replay under a new group).
+    resend_stored: bool = False
     max_inflight: int = 2  # steps being delivered while the next is processed (back-pressure bound)
     # late metadata
     late_wait_s: float = 5.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from typing import Any
@@ -256,22 +256,28 @@ class BatchProcessor:
     lost_in_kernel: int = 0
     dead_letters: int = 0
     missing_metadata: int = 0
+    redelivered: int = 0  # events of re-delivered raw batches the store already had (not re-sent)
 
     def process(self, value: bytes, *, key: bytes | None = None, origin: str = "",
                 token: AckToken | None = None) -> Output:
         """One raw Kafka message."""
         return self.process_many([RawMessage(value, key, origin, token)])
 
-    def process_many(self, messages: Sequence[RawMessage]) -> Output:
+    def process_many(self, messages: Sequence[RawMessage],
+                     stored: Collection[tuple[str, int]] = ()) -> Output:
         """A step's raw messages. Their Alerts and Logs are encoded together, in chunks of about
         `encode_rows` rows: fewer, longer column operations, without a whole step's
-        intermediate Arrow buffers at once."""
+        intermediate Arrow buffers at once.
+
+        Raw batches named in `stored` (node, seq) are already in the store, so they were sent
+        before (the store is written after the SIEM topics): a re-delivery after a crash. They
+        still feed the process table, and emit nothing."""
         out = Output()
         emitted: list[Group] = []
         rows = 0
         for m in messages:
             before = len(emitted)
-            self._process(m, out, emitted)
+            self._process(m, out, emitted, stored)
             rows += sum(len(g.cols) for g in emitted[before:])
             if rows >= self.encode_rows:
                 out.siem.extend(self.encoder.encode(emitted))
@@ -279,7 +285,8 @@ class BatchProcessor:
         out.siem.extend(self.encoder.encode(emitted))
         return out
 
-    def _process(self, m: RawMessage, out: Output, emitted: list[Group]) -> None:
+    def _process(self, m: RawMessage, out: Output, emitted: list[Group],
+                 stored: Collection[tuple[str, int]] = ()) -> None:
         value, token = m.value, m.token
         try:
             hdr, arr = decode_batch(value)
@@ -295,6 +302,9 @@ class BatchProcessor:
         cols = decode_records(arr, kind=hdr.kind, node=hdr.node, seq=hdr.seq,
                               boot_wall_ns=hdr.boot_wall_ns, procs=procs)
         if cols.operation is None:
+            return
+        if stored and (hdr.node, hdr.seq) in stored:
+            self.redelivered += hdr.count
             return
         host = (cols.flags & Flag.HOST) != 0
         now = self.clock()
@@ -340,7 +350,7 @@ class BatchProcessor:
             "batches": self.batches, "events_in": self.events_in, "dead_letters": self.dead_letters,
             "lost_in_kernel": self.lost_in_kernel, "missing_metadata": self.missing_metadata,
             "late_waiting": self.late.events, "alerts_throttled": self.encoder.throttle.dropped,
-            "verdict_misses": self.verdicts.misses,
+            "verdict_misses": self.verdicts.misses, "redelivered_skipped": self.redelivered,
         }
 
 

@@ -13,7 +13,7 @@ from enforcer.envelope import encode_batch
 from enforcer.records import EXEC_DTYPE, FILE_DTYPE, FORK_DTYPE, NET_DTYPE, Flag, Kind, NetOp
 from stream.alerts import AlertThrottle, SiemEncoder
 from stream.join import AckToken, LateBuffer, MetadataState
-from stream.worker import BatchProcessor
+from stream.worker import BatchProcessor, RawMessage
 
 # Recent (the store keeps 30 days by TTL), on a whole second.
 BOOT = (time.time_ns() // 10**9 - 3600) * 10**9
@@ -336,3 +336,17 @@ def test_verdict_cache_decides_each_distinct_event_once_per_matcher() -> None:
     p.process(batch)
     assert p.verdicts.misses == 4 and old.table is not p.verdicts.table
     assert {d.policy_name for d in old.decisions} == {"ksp-web-audit-shadow", ""}
+
+
+def test_batches_the_store_already_holds_emit_nothing_but_still_teach_the_process_table() -> None:
+    """A re-delivery after a crash: its Alerts and Logs went out before the store had it."""
+    p = BatchProcessor()
+    add_container(p.state, 11, container("c1", "web"))
+    msgs = [RawMessage(exec_batch(11, 4242, b"/usr/bin/cat", [b"cat"], seq=1)),
+            RawMessage(file_batch(11, 4242, [b"/etc/hosts"], seq=2)),
+            RawMessage(file_batch(11, 4242, [b"/etc/passwd", b"/etc/group"], seq=3))]
+    out = p.process_many(msgs, stored={(NODE, 1), (NODE, 2), ("other-node", 3)})
+    assert [orjson.loads(v)["Resource"] for _, v in out.siem.logs] == ["/etc/passwd", "/etc/group"]
+    assert {orjson.loads(v)["ProcessName"] for _, v in out.siem.logs} == {"/usr/bin/cat"}
+    assert [len(g.cols) for g in out.groups] == [2]  # only batch 3 goes to the store
+    assert p.counters()["redelivered_skipped"] == 2 and p.events_in == 4
