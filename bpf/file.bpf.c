@@ -6,7 +6,7 @@
  *
  * Hooks: the per-syscall tracepoints (syscalls/sys_enter_* and sys_exit_*), which
  * load everywhere and cost unwatched tasks one hash lookup on open only. Kernel
- * structs are read with plain loads through as_cast (cast.bpf.h), not helpers. No
+ * structs are read through AS_READ (cast.bpf.h): plain loads, or helpers when portable. No
  * tracepoint carries the opened struct file, so enter stashes the arguments by
  * thread id (as bcc's opensnoop does) and exit completes the record:
  *  - success: the path is the opened file's own (struct file from the fd table,
@@ -55,7 +55,7 @@ static __always_inline int as_open_enter(__s32 dfd, const char *name, __u32 ofla
 	__u64 cgid = bpf_get_current_cgroup_id();
 	__u32 flags = 0;
 
-	if (!as_visible(cgid, bpf_get_current_task_btf(), AS_VIS_FILE, &flags))
+	if (!as_visible(cgid, (struct task_struct *)bpf_get_current_task(), AS_VIS_FILE, &flags))
 		return 0;
 	__u64 id = bpf_get_current_pid_tgid();
 	struct as_open_args a = {
@@ -86,7 +86,7 @@ static __always_inline __u32 as_asked_path(struct task_struct *t, struct as_open
 		return n == AS_PATH_LEN ? AS_F_TRUNC_PATH : 0; /* may be exactly full: cut or not, it filled */
 	}
 	if (a->dfd == AS_AT_FDCWD) {
-		dir = as_cast(t, struct task_struct)->fs->pwd;
+		dir = AS_READ(t, fs, pwd);
 	} else {
 		struct file *f = as_fd_file(t, a->dfd);
 
@@ -94,7 +94,7 @@ static __always_inline __u32 as_asked_path(struct task_struct *t, struct as_open
 			bpf_probe_read_user_str(out, AS_PATH_LEN, a->name);
 			return 0;
 		}
-		dir = as_cast(f, struct file)->f_path;
+		dir = AS_READ(f, f_path);
 	}
 	return as_join_user(&dir, root, a->name, out);
 }
@@ -111,8 +111,8 @@ static __always_inline int as_open_exit(long ret)
 		goto out;
 	AS_ZERO(r);
 
-	struct task_struct *t = bpf_get_current_task_btf();
-	struct path root = t->fs->root;
+	struct task_struct *t = (struct task_struct *)bpf_get_current_task();
+	struct path root = AS_READ(t, fs, root);
 	struct file *f = ret >= 0 ? as_fd_file(t, ret) : 0;
 	__u32 flags = a->rflags;
 
@@ -120,13 +120,12 @@ static __always_inline int as_open_exit(long ret)
 	r->mode = a->mode;
 	r->owner_uid = 0xffffffff;
 	if (f) {
-		struct file *file = as_cast(f, struct file);
-		struct inode *ino = file->f_inode;
+		struct inode *ino = AS_READ(f, f_inode);
 
-		flags |= as_path(file->f_path.dentry, file->f_path.mnt, &root, r->path);
-		r->ino = ino->i_ino;
-		r->dev = as_user_dev(ino->i_sb->s_dev);
-		r->owner_uid = ino->i_uid.val;
+		flags |= as_path(AS_READ(f, f_path.dentry), AS_READ(f, f_path.mnt), &root, r->path);
+		r->ino = AS_READ(ino, i_ino);
+		r->dev = as_user_dev(AS_READ(ino, i_sb, s_dev));
+		r->owner_uid = AS_READ(ino, i_uid.val);
 	} else {
 		/* Failed, or the fd was closed by another thread before this exit ran. */
 		flags |= as_asked_path(t, a, &root, r->path);

@@ -50,11 +50,11 @@ static __always_inline __u32 as_path_len(struct dentry *dentry, struct vfsmount 
 {
 	__u32 pos = AS_PATH_LEN - 1, trunc = AS_F_TRUNC_PATH;
 	struct as_path_scratch *s = as_scratch();
-	struct dentry *d = as_cast(dentry, struct dentry);
-	struct vfsmount *vm = as_cast(vfsmount, struct vfsmount);
+	struct dentry *d = AS_PTR(dentry, struct dentry);
+	struct vfsmount *vm = AS_PTR(vfsmount, struct vfsmount);
 	struct dentry *root_d = root->dentry;
 	struct vfsmount *root_mnt = root->mnt;
-	struct mount *mnt = as_cast(container_of(vfsmount, struct mount, mnt), struct mount);
+	struct mount *mnt = AS_PTR(container_of(vfsmount, struct mount, mnt), struct mount);
 
 	*len = 0;
 	if (!s)
@@ -65,29 +65,29 @@ static __always_inline __u32 as_path_len(struct dentry *dentry, struct vfsmount 
 			trunc = 0;
 			break;
 		}
-		if (d == vm->mnt_root) {
-			struct mount *up = mnt->mnt_parent;
+		if (d == AS_READ(vm, mnt_root)) {
+			struct mount *up = AS_READ(mnt, mnt_parent);
 
 			if (up == mnt) { /* root of the mount namespace */
 				trunc = 0;
 				break;
 			}
-			d = mnt->mnt_mountpoint;
+			d = AS_READ(mnt, mnt_mountpoint);
 			mnt = up;
 			vm = &up->mnt;
 			continue;
 		}
-		struct dentry *parent = d->d_parent;
+		struct dentry *parent = AS_READ(d, d_parent);
 		if (parent == d) { /* root of a filesystem that is not mounted here */
 			trunc = 0;
 			break;
 		}
-		__u32 n = d->d_name.len & (AS_PATH_LEN - 1);
+		__u32 n = AS_READ(d, d_name.len) & (AS_PATH_LEN - 1);
 
 		if (n + 1 > pos)
 			break; /* does not fit: trunc stays set */
 		pos = (pos - n - 1) & (AS_PATH_LEN - 1);
-		bpf_probe_read_kernel(&s->walk[pos + 1], n, d->d_name.name);
+		bpf_probe_read_kernel(&s->walk[pos + 1], n, AS_READ(d, d_name.name));
 		s->walk[pos] = '/';
 		d = parent;
 	}
@@ -112,12 +112,12 @@ static __always_inline __u32 as_path(struct dentry *d, struct vfsmount *vm, stru
 /* The struct file behind `fd` in `t`'s fd table, or NULL. */
 static __always_inline struct file *as_fd_file(struct task_struct *t, int fd)
 {
-	struct fdtable *fdt = as_cast(t, struct task_struct)->files->fdt;
+	struct fdtable *fdt = AS_READ(t, files, fdt);
 	struct file *f = 0;
 
-	if (fd < 0 || (__u32)fd >= fdt->max_fds)
+	if (fd < 0 || (__u32)fd >= AS_READ(fdt, max_fds))
 		return 0;
-	bpf_probe_read_kernel(&f, sizeof(f), as_untyped(fdt->fd) + (__u64)(__u32)fd * sizeof(f));
+	bpf_probe_read_kernel(&f, sizeof(f), AS_UNTYPED(AS_READ(fdt, fd)) + (__u64)(__u32)fd * sizeof(f));
 	return f;
 }
 

@@ -34,10 +34,9 @@ static __always_inline bool as_visible(__u64 cgid, struct task_struct *t, __u32 
 static __always_inline void as_fill_hdr(struct as_hdr *h, struct task_struct *task, __u16 kind, __u32 size,
 					__u64 cgid, __u32 flags)
 {
-	struct task_struct *t = as_cast(task, struct task_struct);
-	struct task_struct *parent = t->real_parent;
-	struct pid *pid = t->group_leader->thread_pid;
-	__u32 level = pid->level;
+	struct task_struct *parent = AS_READ(task, real_parent);
+	struct pid *pid = AS_READ(task, group_leader, thread_pid);
+	__u32 level = AS_READ(pid, level);
 	struct upid up = as_upid_at(pid, level);
 	__u64 ugid = bpf_get_current_uid_gid();
 
@@ -46,10 +45,10 @@ static __always_inline void as_fill_hdr(struct as_hdr *h, struct task_struct *ta
 	h->size = size;
 	h->ktime_ns = as_boot_ns();
 	h->cgroup_id = cgid;
-	h->pid_ns = as_cast(up.ns, struct pid_namespace)->ns.inum;
-	h->mnt_ns = t->nsproxy->mnt_ns->ns.inum;
-	h->host_pid = t->tgid;
-	h->host_ppid = parent->tgid;
+	h->pid_ns = AS_READ(up.ns, ns.inum);
+	h->mnt_ns = AS_READ(task, nsproxy, mnt_ns, ns.inum);
+	h->host_pid = AS_READ(task, tgid);
+	h->host_ppid = AS_READ(parent, tgid);
 	h->pid = up.nr;
 	h->ppid = as_tgid_at_fast(parent, level);
 	h->uid = (__u32)ugid;

@@ -474,6 +474,9 @@ class Agent:
             self.monitors[name] = mon
             obj = getattr(mon, "obj", None)
             progs = ", ".join(link.name for link in getattr(obj, "links", [])) or "attached"
+            reads = getattr(mon, "reads", "plain loads")
+            if reads != "plain loads":
+                progs += f" [{reads}]"
             self.statuses.append(MonitorStatus(name, True, progs))
 
     @property

@@ -49,6 +49,9 @@ _find_prog = libbpf._fn("bpf_object__find_program_by_name", ctypes.c_void_p, cty
 _set_autoload = libbpf._fn("bpf_program__set_autoload", ctypes.c_int, ctypes.c_void_p, ctypes.c_bool)
 
 
+PORTABLE_OBJECT: Final = "{}.portable.bpf.o"  # bpf/Makefile: built with -DAS_PORTABLE
+
+
 class MonitorUnavailable(ArmorstreamError):
     """The running kernel refused a monitor; `reason` says why, in a sentence an operator can act on."""
 
@@ -94,12 +97,24 @@ class Monitor:
         objects: Path = BPF_OUTPUT,
         high_water: int = 4 << 20,
         ring_bytes: int | None = None,  # ring buffer size; default: as compiled (4 MiB)
+        portable: bool | None = None,  # None: the plain-load build, else the helper-read one
     ) -> None:
-        self.path = objects / self.OBJECT
+        self.path = objects / (PORTABLE_OBJECT.format(self.OBJECT.removesuffix(".bpf.o")) if portable
+                               else self.OBJECT)
         if not self.path.exists():
             raise BpfError(f"{self.path} not built (run: make -C bpf)", errno.ENOENT)
         ensure_tracefs()
-        self.obj = self._load(pin_dir, host_visibility, ring_bytes, self._programs())
+        # How kernel structs are read (bpf/cast.bpf.h): plain loads need bpf_rdonly_cast (6.2).
+        self.reads = "helper reads" if portable else "plain loads"
+        try:
+            self.obj = self._load(pin_dir, host_visibility, ring_bytes, self._programs())
+        except (BpfError, MonitorUnavailable) as e:
+            fallback = objects / PORTABLE_OBJECT.format(self.OBJECT.removesuffix(".bpf.o"))
+            if portable is not None or not fallback.exists():
+                raise
+            self.path = fallback  # an older kernel: the same monitor with a helper call per field
+            self.obj = self._load(pin_dir, host_visibility, ring_bytes, self._programs())
+            self.reads = f"helper reads (the plain-load build was refused: {e})"
         try:
             self.watched = self.obj.map("as_watched")
             self.drain = Drain(open_ring([self.obj.map(self.RING)], high_water), self.obj.map("as_drops"))
@@ -215,6 +230,7 @@ class CapMonitor(Monitor):
         ring_bytes: int | None = None,
         window_ns: int = 1_000_000_000,  # 0: report every check
         variant: str | None = None,
+        portable: bool | None = None,
     ) -> None:
         if variant is not None and variant not in self.VARIANTS:
             raise ArmorstreamError(
@@ -229,6 +245,7 @@ class CapMonitor(Monitor):
             objects=objects,
             high_water=high_water,
             ring_bytes=ring_bytes,
+            portable=portable,
         )
 
     def _configure(self, obj: Object) -> None:

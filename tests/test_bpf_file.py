@@ -10,6 +10,7 @@ stops draining at the end marker, never after a sleep.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -64,12 +65,14 @@ class Env:
     cg: Cgroups
 
 
-@pytest.fixture
-def env() -> Iterator[Env]:
-    with cgroups("file.bpf.o") as cg:
+@pytest.fixture(params=[False, True], ids=["plain-loads", "portable"])
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    """Each test runs on both builds of the monitor (bpf/cast.bpf.h): the same records."""
+    portable: bool = request.param
+    with cgroups("file.portable.bpf.o" if portable else "file.bpf.o") as cg:
         from sensor.monitors import FileMonitor
 
-        e = Env(FileMonitor(pin_dir=cg.pin_dir), cg)
+        e = Env(FileMonitor(pin_dir=cg.pin_dir, portable=portable), cg)
         try:
             e.mon.watch(cg.watched_id)  # type: ignore[attr-defined]
             yield e
@@ -222,3 +225,22 @@ def test_pinned_ring_and_watch_set_survive_restart(env: Env, tmp_path: Path) -> 
     env.mon = FileMonitor(pin_dir=env.cg.pin_dir)  # no watch(): the pinned as_watched is reused
     recs = between(collect(env.mon.drain, until_path(pid, end))[Kind.FILE], pid, start, end)
     assert len(recs) == 11
+
+
+def test_a_kernel_that_refuses_the_plain_load_build_gets_the_portable_one(tmp_path: Path) -> None:
+    """Kernels before 6.2 have no bpf_rdonly_cast: the sensor then loads %.portable.bpf.o and
+    its start-up report says why. Here the plain build is made unloadable."""
+    with cgroups("file.portable.bpf.o") as cg:
+        from sensor.libbpf import BpfError
+        from sensor.monitors import FileMonitor
+
+        objects = tmp_path / "objects"
+        objects.mkdir()
+        (objects / "file.bpf.o").write_bytes(b"\x7fELF not really")
+        shutil.copy(Path(__file__).resolve().parents[1] / "bpf" / ".output" / "file.portable.bpf.o", objects)
+        with FileMonitor(pin_dir=cg.pin_dir, objects=objects) as mon:
+            assert mon.path.name == "file.portable.bpf.o"
+            assert mon.reads.startswith("helper reads (the plain-load build was refused: ")
+            assert "as_exit_openat" in mon.hooks
+        with pytest.raises(BpfError):
+            FileMonitor(pin_dir=cg.pin_dir, objects=objects, portable=False)

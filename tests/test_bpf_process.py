@@ -36,14 +36,17 @@ class Env:
     pin_dir: Path
 
 
-@pytest.fixture
-def env() -> Iterator[Env]:
+@pytest.fixture(params=[False, True], ids=["plain-loads", "portable"])
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    """Each test runs on both builds of the monitor (bpf/cast.bpf.h): the same records."""
+    portable: bool = request.param
     need_root()
     need_tool("clang")
     need_tool("bpftool")
     need(Path("/sys/kernel/btf/vmlinux").exists(), "needs kernel BTF at /sys/kernel/btf/vmlinux")
     cg_root = need_cgroup2()
-    subprocess.run(["make", "-s", "-C", str(ROOT / "bpf"), ".output/process.bpf.o"], check=True)
+    obj = "process.portable.bpf.o" if portable else "process.bpf.o"
+    subprocess.run(["make", "-s", "-C", str(ROOT / "bpf"), f".output/{obj}"], check=True)
 
     from sensor.libbpf import ensure_bpffs
     from sensor.monitors import ProcessMonitor
@@ -57,7 +60,8 @@ def env() -> Iterator[Env]:
     cgroup.mkdir(parents=True)
     mon, env_ = None, None
     try:
-        mon = ProcessMonitor(pin_dir=pin_dir)
+        mon = ProcessMonitor(pin_dir=pin_dir, portable=portable)
+        assert mon.reads == ("helper reads" if portable else "plain loads")
         cgid = cgroup.stat().st_ino  # the cgroup v2 id is the kernfs inode number
         mon.watch(cgid)
         env_ = Env(mon, cgroup, cgid, pin_dir)
