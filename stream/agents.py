@@ -39,7 +39,7 @@ from aiokafka.partitioner import murmur2
 from enforcer.control import ControlError
 from enforcer.envelope import decode_header
 from enforcer.errors import ArmorstreamError
-from stream.alerts import AlertThrottle, SiemEncoder
+from stream.alerts import AlertThrottle, SiemBatch, SiemEncoder
 from stream.app import StreamSettings, make_app
 from stream.join import AckToken, LateBuffer, MetadataState
 from stream.topics import StreamTopics
@@ -287,6 +287,7 @@ class StreamRuntime(mode.Service):
         self.sent["dead"] += len(out.dead)
         self.sent["alerts"] += len(out.siem.alerts)
         self.sent["logs"] += len(out.siem.logs)
+        out.siem, out.dead = SiemBatch(), []  # sent: not held through the ClickHouse insert
         done = [tok for tok in out.released if tok.release()]
         groups = out.groups + [g for tok in done for g in tok.groups]
         if self.sink is not None and groups:
