@@ -82,9 +82,9 @@ static __always_inline struct socket *as_fd_socket(struct task_struct *t, int fd
 {
 	struct file *f = as_fd_file(t, fd);
 
-	if (!f || (BPF_CORE_READ(f, f_inode, i_mode) & AS_S_IFMT) != AS_S_IFSOCK)
+	if (!f || (AS_READ(f, f_inode, i_mode) & AS_S_IFMT) != AS_S_IFSOCK)
 		return 0;
-	return BPF_CORE_READ(f, private_data);
+	return AS_READ(f, private_data);
 }
 
 /* Address and port from a user sockaddr (IPv4 or IPv6); returns its family. */
@@ -112,7 +112,7 @@ static __always_inline __u16 as_user_sockaddr(struct as_net_args *a, __u8 *addr,
 
 static __always_inline void as_sock_local(struct sock *sk, __u16 family, __u8 *addr, __u16 *port)
 {
-	*port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	*port = AS_READ(sk, __sk_common.skc_num);
 	if (family == AS_AF_INET)
 		BPF_CORE_READ_INTO((__u32 *)addr, sk, __sk_common.skc_rcv_saddr);
 	else if (family == AS_AF_INET6)
@@ -121,7 +121,7 @@ static __always_inline void as_sock_local(struct sock *sk, __u16 family, __u8 *a
 
 static __always_inline void as_sock_peer(struct sock *sk, __u16 family, __u8 *addr, __u16 *port)
 {
-	*port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	*port = bpf_ntohs(AS_READ(sk, __sk_common.skc_dport));
 	if (family == AS_AF_INET)
 		BPF_CORE_READ_INTO((__u32 *)addr, sk, __sk_common.skc_daddr);
 	else if (family == AS_AF_INET6)
@@ -155,7 +155,7 @@ static __always_inline int as_net_exit(long ret)
 	} else {
 		int fd = op == AS_NET_ACCEPT && ret >= 0 ? ret : a->fd;
 		struct socket *sock = as_fd_socket(t, fd);
-		struct sock *sk = BPF_CORE_READ(sock, sk);
+		struct sock *sk = sock ? AS_READ(sock, sk) : 0;
 
 		if (op == AS_NET_CONNECT)
 			r->family = as_user_sockaddr(a, r->daddr, &r->dport);
@@ -163,11 +163,11 @@ static __always_inline int as_net_exit(long ret)
 			r->family = as_user_sockaddr(a, r->saddr, &r->sport);
 		if (sk) {
 			/* Socket fields are u16 since 5.6 (bitfields before); ring buffers need 5.8. */
-			__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+			__u16 family = AS_READ(sk, __sk_common.skc_family);
 
 			r->family = family;
-			r->type = BPF_CORE_READ(sock, type);
-			r->protocol = BPF_CORE_READ(sk, sk_protocol);
+			r->type = AS_READ(sock, type);
+			r->protocol = AS_READ(sk, sk_protocol);
 			if (op != AS_NET_BIND || ret >= 0)
 				as_sock_local(sk, family, r->saddr, &r->sport);
 			if (op == AS_NET_ACCEPT && ret >= 0)

@@ -93,13 +93,15 @@ def loopback_v6() -> bool:
         return False
 
 
-@pytest.fixture
-def env() -> Iterator[Env]:
+@pytest.fixture(params=[False, True], ids=["plain-loads", "portable"])
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    """Each test runs on both builds of the monitor (bpf/cast.bpf.h): the same records."""
+    portable: bool = request.param
     need(loopback_v6(), "needs IPv6 on the loopback interface (::1)")
-    with cgroups("net.bpf.o") as cg:
+    with cgroups("net.portable.bpf.o" if portable else "net.bpf.o") as cg:
         from sensor.monitors import NetMonitor
 
-        with NetMonitor(pin_dir=cg.pin_dir) as mon:
+        with NetMonitor(pin_dir=cg.pin_dir, portable=portable) as mon:
             mon.watch(cg.watched_id, Visibility.NETWORK)
             yield Env(mon, cg)
 
