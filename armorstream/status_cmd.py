@@ -32,7 +32,7 @@ __all__ = ["Health", "check", "status"]
 NOT_RUNNING = 3
 _SENSOR_COUNTERS = ("events_seen", "events_shipped", "events_spooled", "events_dropped_kernel",
                     "events_dropped_user")  # fmt: skip
-_METRIC_RE = re.compile(r"^armorstream_sensor_(\w+?)(?:_total)?(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+_STREAM_COUNTERS = ("events", "records_sent", "rows_stored", "dead_letters", "late_events")
 
 
 @dataclass(slots=True)
@@ -70,14 +70,16 @@ def _clickhouse_counters(url: str) -> dict[str, Any] | None:
     return {"events": int(events), "alerts": int(alerts), "last_event": last if int(events) else ""}
 
 
-def _sensor_counters(url: str) -> dict[str, Any] | None:
+def _metric_counters(url: str, component: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """armorstream_<component>_<key> values from a Prometheus /metrics page, summed over labels."""
     body = http_get(url)
     if body is None:
         return None
+    pattern = re.compile(rf"^armorstream_{component}_(\w+?)(?:_total)?(?:\{{[^}}]*\}})? ([0-9.eE+-]+)$", re.M)
     values: dict[str, float] = {}
-    for name, value in _METRIC_RE.findall(body.decode(errors="replace")):
-        values[name] = values.get(name, 0.0) + float(value)  # sums over label values
-    return {k: int(values[k]) for k in _SENSOR_COUNTERS if k in values}
+    for name, value in pattern.findall(body.decode(errors="replace")):
+        values[name] = values.get(name, 0.0) + float(value)
+    return {k: int(values[k]) for k in keys if k in values}
 
 
 def check(c: ComponentState) -> Health:
@@ -95,7 +97,9 @@ def check(c: ComponentState) -> Health:
     elif c.name == "clickhouse":
         probe = _clickhouse_counters(c.address)
     elif c.name == "sensor":
-        probe = _sensor_counters(c.address)
+        probe = _metric_counters(c.address, "sensor", _SENSOR_COUNTERS)
+    elif c.name == "stream" and c.address:
+        probe = _metric_counters(c.address, "stream", _STREAM_COUNTERS)
     if probe is None:
         h.healthy, h.detail = False, f"no answer at {c.address}"
     else:

@@ -53,6 +53,10 @@ __all__ = ["stream"]
 @click.option("--shutdown-timeout", default=20.0, show_default=True, type=click.FloatRange(1),
               help="Seconds a stop signal may take; then the worker exits anyway (unacked batches are "
                    "redelivered and deduplicated), e.g. when the broker is gone.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus /metrics (counters, steps in flight) on this port (0: any free port); "
+                   "also the pod's probe.")
+@click.option("--metrics-addr", default="0.0.0.0", show_default=True)
 @click.option("--log-level", default="warn", show_default=True,
               type=click.Choice(["crit", "error", "warn", "info", "debug"]))
 def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: str, logs_topic: str,
@@ -60,7 +64,7 @@ def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: st
            no_create_topics: bool, app_id: str, cluster: str, late_wait: float, late_max_events: int,
            max_alerts_per_sec: int, throttle_sec: int, no_throttle: bool, take_max: int,
            idempotent_producer: bool, siem_compression: str, resend_stored: bool, shutdown_timeout: float,
-           log_level: str) -> None:
+           metrics_port: int | None, metrics_addr: str, log_level: str) -> None:
     """Turn raw sensor batches into KubeArmor alerts and logs on Kafka (and history in ClickHouse)."""
     import faust
 
@@ -87,6 +91,16 @@ def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: st
     except (ArmorstreamError, TimeoutError) as e:
         loop.close()
         raise click.ClickException(f"cannot start the stream worker: {e or 'broker did not answer'}") from e
+    if metrics_port is not None:
+        from stream.metrics import StreamMetrics
+
+        metrics = StreamMetrics(runtime)
+        try:
+            metrics.serve(metrics_port, metrics_addr)
+        except OSError as e:
+            loop.close()
+            raise click.ClickException(f"cannot serve metrics on {metrics_addr}:{metrics_port}: {e}") from e
+        click.echo(f"metrics: http://{metrics_addr}:{metrics.port}/metrics", err=True)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     worker = _worker_class(faust.Worker, shutdown_timeout)(
         app, runtime, loop=loop, loglevel=log_level, quiet=True, redirect_stdouts=False)

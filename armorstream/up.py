@@ -141,6 +141,7 @@ class Plan:
     stream_history: bool = True
     watch_cgroups: tuple[Path, ...] = ()  # empty: the sensor watches every container it finds
     host_visibility: str = "none"
+    stream_metrics_port: int = 0  # 0: the stream serves no /metrics (status then shows no counters)
 
     @property
     def broker(self) -> str:
@@ -158,6 +159,9 @@ def component_plan(p: Plan) -> list[Component]:
     stream_args = ["stream", "--broker", p.broker, "--alerts-topic", ALERTS_TOPIC, "--logs-topic", LOGS_TOPIC]
     if p.stream_history:
         stream_args += ["--clickhouse", p.clickhouse_url]
+    stream_metrics = f"http://127.0.0.1:{p.stream_metrics_port}/metrics" if p.stream_metrics_port else ""
+    if stream_metrics:
+        stream_args += ["--metrics-addr", "127.0.0.1", "--metrics-port", str(p.stream_metrics_port)]
     sensor = sensor_missing() if p.with_sensor else "turned off (--no-sensor)"
     return [
         Component(
@@ -176,7 +180,8 @@ def component_plan(p: Plan) -> list[Component]:
         ),
         # Stops after the sensor and the controller and before ClickHouse: it drains what the
         # sensor sent last into ClickHouse and the SIEM topics, so it gets the longest grace.
-        Component("stream", _cli(*stream_args), missing=_command_missing("stream"), stop_timeout_s=60),
+        Component("stream", _cli(*stream_args), address=stream_metrics, missing=_command_missing("stream"),
+                  stop_timeout_s=60, ready=(lambda: http_ready(stream_metrics)) if stream_metrics else None),
         Component(
             "controller",
             _cli("controller", "--policies", str(p.policies), "--broker", p.broker,
@@ -379,7 +384,7 @@ def up(data_dir: Path | None, policies: Path | None, broker_port: int, clickhous
                 policies=policy_dir, metrics_port=_port(metrics_port),
                 node_name=node_name or socket.gethostname(), with_sensor=with_sensor,
                 stream_history=stream_history, watch_cgroups=watch_cgroups,
-                host_visibility=host_visibility)  # fmt: skip
+                host_visibility=host_visibility, stream_metrics_port=free_port())  # fmt: skip
     for port, what in ((plan.broker_port, "--broker-port"), (plan.clickhouse_port, "--clickhouse-port")):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:

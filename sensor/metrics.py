@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from enforcer.prometheus import serve_registry
 
 __all__ = ["Counters", "SensorMetrics"]
 
@@ -103,12 +105,5 @@ class SensorMetrics(Collector):
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> Callable[[], None]:
         """Expose /metrics over HTTP (port 0 picks a free one); returns a function that stops it."""
-        server, thread = start_http_server(port, addr, registry=self.registry)
-        self.port = int(server.server_port)
-
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
-
+        self.port, stop = serve_registry(self.registry, port, addr)
         return stop

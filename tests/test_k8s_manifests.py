@@ -454,6 +454,17 @@ def test_sensor_daemonset(rendered: dict[str, list[Doc]]) -> None:
             assert c[probe]["httpGet"]["port"] == "metrics"
 
 
+def test_stream_is_probed_on_its_metrics_port(rendered: dict[str, list[Doc]]) -> None:
+    for overlay, docs in rendered.items():
+        for _, c in armorstream_containers(docs):
+            if c["args"][0] != "stream":
+                continue
+            (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
+            assert f"--metrics-port={port['containerPort']}" in c["args"], overlay
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, (overlay, probe)
+
+
 def test_sensor_manifest_explains_each_capability() -> None:
     text = (DEPLOY / "base" / "sensor.yaml").read_text()
     for cap in SENSOR_CAPS:

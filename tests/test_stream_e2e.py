@@ -292,6 +292,30 @@ def test_redelivered_batches_the_store_holds_are_not_sent_again(worker: Worker) 
     assert "redelivered_skipped': 100" in (worker.dir / "worker.log").read_text()
 
 
+def test_metrics_endpoint_counts_what_the_worker_did(worker: Worker) -> None:
+    """`--metrics-port`: Prometheus counters of the worker (also the pod's probe in deploy/k8s)."""
+    s = worker.settings
+    worker.stop()
+    port = free_port()
+    worker.extra = ["--metrics-port", str(port), "--metrics-addr", "127.0.0.1"]
+    worker.start()
+    raw = [file_batch(1, 100, [f"/m/{b}/{i}".encode() for i in range(10)], seq=b) for b in range(3)]
+    items = [(s.raw_topic, NODE.encode(), r) for r in [*raw, b"junk"]]
+    asyncio.run(produce(s, control_items(s, 1, "c-web", "web", "shop") + items))
+    assert len(asyncio.run(collect(s, {s.logs_topic: 30, s.dead_letter_topic: 1}))[s.logs_topic]) == 30
+    asyncio.run(wait_committed(s))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in text.splitlines() if line.startswith("armorstream_stream_")}
+    assert values["armorstream_stream_events_total"] == 30
+    assert values["armorstream_stream_raw_batches_total"] == 3
+    assert values["armorstream_stream_dead_letters_total"] == 1
+    assert values['armorstream_stream_records_sent_total{topic="logs"}'] == 30
+    assert values['armorstream_stream_records_sent_total{topic="dead"}'] == 1
+    assert values["armorstream_stream_rows_stored_total"] == 30
+    assert values["armorstream_stream_caught_up"] == 1 and values["armorstream_stream_failed"] == 0
+
+
 @dataclass
 class ClickHouseServer:
     """`armorstream clickhouse serve` as its own process: a ClickHouse that can go away and come back."""

@@ -113,12 +113,13 @@ def test_up_status_stop_restart(tmp_path: Path, quiet_cgroup: Path | None) -> No
         if quiet_cgroup is None:
             assert state.component("sensor").detail  # type: ignore[union-attr]  # says why it was skipped
 
-        # status: every started component healthy, ClickHouse and sensor counters present
+        # status: every started component healthy, ClickHouse, stream and sensor counters present
         st = armorstream("status", "--data-dir", str(data), "--json")
         assert st.returncode == 0, st.stdout + st.stderr
         health = {h["name"]: h for h in map(orjson.loads, st.stdout.splitlines())}
         assert all(health[n]["healthy"] for n in running)
         assert {"events", "alerts"} <= set(health["clickhouse"]["counters"])
+        assert {"events", "records_sent", "rows_stored"} <= set(health["stream"]["counters"])
         if "sensor" in running:
             assert "events_seen" in health["sensor"]["counters"]
 
