@@ -33,10 +33,14 @@ from enforcer.errors import ArmorstreamError
               help="Directory mode: seconds between directory scans.")
 @click.option("--one-record-per-batch", is_flag=True,
               help="Send records one at a time (brokers with wrong end offsets after batches, e.g. tansu).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus /metrics on this port (0: any free port); also the pod's probe.")
+@click.option("--metrics-addr", default="0.0.0.0", show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 def controller(kubeconfig: str | None, in_cluster: bool, api_server: str | None, policy_dir: Path | None,
                broker: str, topic_prefix: str, snapshot_interval: float, node_name: str | None,
-               poll_interval: float, one_record_per_batch: bool, verbose: bool) -> None:
+               poll_interval: float, one_record_per_batch: bool, metrics_port: int | None, metrics_addr: str,
+               verbose: bool) -> None:
     """Watch Kubernetes (or a policy directory) and keep the control topics current.
 
     Publishes container -> pod metadata, namespaces (labels, posture and visibility
@@ -75,6 +79,16 @@ def controller(kubeconfig: str | None, in_cluster: bool, api_server: str | None,
     ctl = Controller(source, Publisher(broker, ControlTopics(topic_prefix), one_record_per_batch),
                      ClusterState(source.resources, local_node=local_node),
                      snapshot_interval=snapshot_interval)
+
+    if metrics_port is not None:
+        from controller.metrics import ControllerMetrics
+
+        metrics = ControllerMetrics(ctl)
+        try:
+            metrics.serve(metrics_port, metrics_addr)
+        except OSError as e:
+            raise click.ClickException(f"cannot serve metrics on {metrics_addr}:{metrics_port}: {e}") from e
+        logging.info("metrics: http://%s:%d/metrics", metrics_addr, metrics.port)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -44,6 +44,10 @@ class Controller:
     started_at: float = field(default_factory=time.monotonic)
     first_snapshot_after: float | None = None  # seconds from start to the first full snapshot
     invalid_reported: int = 0
+    # counters for /metrics (controller.metrics)
+    events_applied: int = 0  # lists and watch events folded into the state
+    records_published: int = 0  # changed records and tombstones sent (snapshots apart)
+    snapshots_published: int = 0
     _queue: asyncio.Queue[Sync | Change] | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -83,6 +87,7 @@ class Controller:
                     if stop_wait in done:
                         break
                     await self.publisher.snapshot(self.state.snapshot())
+                    self.snapshots_published += 1
                     next_snapshot = loop.time() + self.snapshot_interval
                     continue
                 # Drain what is queued before publishing: one batch of sends per burst.
@@ -90,6 +95,7 @@ class Controller:
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 changes = []
+                self.events_applied += len(items)
                 for item in items:
                     up = self.state.apply(item)
                     changes.extend(up.changes)
@@ -98,10 +104,12 @@ class Controller:
                 if next_snapshot is None:
                     if self.state.ready:
                         await self.publisher.snapshot(self.state.snapshot())
+                        self.snapshots_published += 1
                         self.first_snapshot_after = time.monotonic() - self.started_at
                         next_snapshot = loop.time() + self.snapshot_interval
                 elif changes:
                     await self.publisher.publish(changes)
+                    self.records_published += len(changes)
         finally:
             stop_wait.cancel()
 

@@ -262,6 +262,10 @@ class ClusterState:
     def table(self, name: str) -> dict[str, ControlRecord]:
         return dict(self._cur[name])
 
+    def sizes(self) -> dict[str, int]:
+        """Records per table, as they stand (for metrics)."""
+        return {name: len(rows) for name, rows in self._cur.items()}
+
     # ---- folding events in ---------------------------------------------------------------
 
     def _sync(self, ev: Sync, up: Update) -> None:

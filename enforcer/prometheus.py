@@ -1,13 +1,15 @@
-"""Serving a Prometheus registry over HTTP, for the components that expose /metrics
-(sensor, stream): one place for the start/stop dance around prometheus_client."""
+"""Prometheus /metrics for the components that expose it (sensor, stream, controller): a
+collector in its own registry, served over HTTP. Subclasses set their attributes, then call
+`ServedCollector.__init__` (registering runs `collect` once), and implement `collect`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.registry import Collector
 
-__all__ = ["serve_registry"]
+__all__ = ["ServedCollector", "serve_registry"]
 
 
 def serve_registry(
@@ -23,3 +25,15 @@ def serve_registry(
         thread.join(5)
 
     return int(server.server_port), stop
+
+
+class ServedCollector(Collector):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.port: int | None = None  # set by serve()
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry.register(self)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Callable[[], None]:
+        """Expose /metrics over HTTP (port 0 picks a free one); returns a function that stops it."""
+        self.port, stop = serve_registry(self.registry, port, addr)
+        return stop

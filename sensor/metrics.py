@@ -13,9 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from enforcer.prometheus import serve_registry
+from enforcer.prometheus import ServedCollector
 
 __all__ = ["Counters", "SensorMetrics"]
 
@@ -72,16 +71,14 @@ _GAUGES: dict[str, str] = {
 }
 
 
-class SensorMetrics(Collector):
+class SensorMetrics(ServedCollector):
     """Counters plus gauges read from live objects (the spool, the shipper) at scrape time."""
 
     def __init__(self, node: str, registry: CollectorRegistry | None = None) -> None:
         self.node = node
         self.counters = Counters()
         self.gauges = _Gauges()
-        self.port: int | None = None  # set by serve()
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.registry.register(self)
+        super().__init__(registry)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         c = self.counters
@@ -102,8 +99,3 @@ class SensorMetrics(Collector):
         for name in _GAUGES:
             out[name] = getattr(self.gauges, name)()
         return out
-
-    def serve(self, port: int, addr: str = "0.0.0.0") -> Callable[[], None]:
-        """Expose /metrics over HTTP (port 0 picks a free one); returns a function that stops it."""
-        self.port, stop = serve_registry(self.registry, port, addr)
-        return stop

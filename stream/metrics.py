@@ -7,14 +7,13 @@ by the HTTP thread are consistent under the GIL. The endpoint doubles as the pod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from enforcer.prometheus import serve_registry
+from enforcer.prometheus import ServedCollector
 
 __all__ = ["StreamMetrics"]
 
@@ -34,14 +33,12 @@ _PROCESSOR: dict[str, tuple[str, str]] = {
 }
 
 
-class StreamMetrics(Collector):
+class StreamMetrics(ServedCollector):
     """Scrapes `runtime` (a stream.agents.StreamRuntime) and its processor and sink."""
 
     def __init__(self, runtime: Any, registry: CollectorRegistry | None = None) -> None:
         self.runtime = runtime
-        self.port: int | None = None  # set by serve()
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.registry.register(self)
+        super().__init__(registry)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         rt = self.runtime
@@ -70,8 +67,3 @@ class StreamMetrics(Collector):
             g = GaugeMetricFamily(_PREFIX + name, doc)
             g.add_metric([], value)
             yield g
-
-    def serve(self, port: int, addr: str = "0.0.0.0") -> Callable[[], None]:
-        """Expose /metrics over HTTP (port 0 picks a free one); returns a function that stops it."""
-        self.port, stop = serve_registry(self.registry, port, addr)
-        return stop

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from armorstream.embedded_broker import free_port
 from enforcer.control import ControlTopics, ControlView
 from tests.fakekube import FakeKube, make_namespace
 
@@ -59,10 +61,16 @@ def test_kubernetes_mode(broker: Any) -> None:
     try:
         kube.create("namespaces", make_namespace("shop"))
         topics = ControlTopics("cli.")
-        proc = controller("--api-server", kube.url, "--broker", broker.bootstrap, "--topic-prefix", "cli.")
+        port = free_port()
+        proc = controller("--api-server", kube.url, "--broker", broker.bootstrap, "--topic-prefix", "cli.",
+                          "--metrics-port", str(port), "--metrics-addr", "127.0.0.1")
         try:
             view = asyncio.run(read_view(broker.bootstrap, topics, lambda v: "shop" in v.namespaces))
             assert view.namespaces["shop"].labels == {"kubernetes.io/metadata.name": "shop"}
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            assert "armorstream_controller_ready 1.0" in text
+            assert 'armorstream_controller_records{table="namespaces"} 1.0' in text
+            assert "armorstream_controller_snapshots_published_total 1.0" in text
         finally:
             out = stop(proc)
         assert "Traceback" not in out

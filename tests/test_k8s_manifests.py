@@ -454,15 +454,18 @@ def test_sensor_daemonset(rendered: dict[str, list[Doc]]) -> None:
             assert c[probe]["httpGet"]["port"] == "metrics"
 
 
-def test_stream_is_probed_on_its_metrics_port(rendered: dict[str, list[Doc]]) -> None:
+def test_stream_and_controller_are_probed_on_their_metrics_ports(rendered: dict[str, list[Doc]]) -> None:
     for overlay, docs in rendered.items():
+        seen = set()
         for _, c in armorstream_containers(docs):
-            if c["args"][0] != "stream":
+            if c["args"][0] not in ("stream", "controller"):
                 continue
+            seen.add(c["args"][0])
             (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
             assert f"--metrics-port={port['containerPort']}" in c["args"], overlay
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, (overlay, probe)
+        assert seen == {"stream", "controller"}, overlay
 
 
 def test_sensor_manifest_explains_each_capability() -> None:
