@@ -99,8 +99,8 @@ class Monitor:
         ring_bytes: int | None = None,  # ring buffer size; default: as compiled (4 MiB)
         portable: bool | None = None,  # None: the plain-load build, else the helper-read one
     ) -> None:
-        self.path = objects / (PORTABLE_OBJECT.format(self.OBJECT.removesuffix(".bpf.o")) if portable
-                               else self.OBJECT)
+        fallback = objects / PORTABLE_OBJECT.format(self.OBJECT.removesuffix(".bpf.o"))
+        self.path = fallback if portable else objects / self.OBJECT
         if not self.path.exists():
             raise BpfError(f"{self.path} not built (run: make -C bpf)", errno.ENOENT)
         ensure_tracefs()
@@ -109,7 +109,6 @@ class Monitor:
         try:
             self.obj = self._load(pin_dir, host_visibility, ring_bytes, self._programs())
         except (BpfError, MonitorUnavailable) as e:
-            fallback = objects / PORTABLE_OBJECT.format(self.OBJECT.removesuffix(".bpf.o"))
             if portable is not None or not fallback.exists():
                 raise
             self.path = fallback  # an older kernel: the same monitor with a helper call per field
