@@ -95,6 +95,22 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of a process, summed by thread name ("main": the
+    thread running the event loop and the Python work; others: Faust's consumer thread, the
+    executor's, chdb's own C++ pools)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = "main" if task.name == str(pid) else stat[stat.index("(") + 1 : stat.rindex(")")]
+        f = stat.rpartition(")")[2].split()
+        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -185,6 +201,7 @@ async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes,
             seen += await c.poll()
         pids = {**(pids or {}), "bench (producer + consumer)": os.getpid()}
         cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+        threads0 = thread_cpu_s(pids["armorstream worker"]) if "armorstream worker" in pids else {}
         t0 = time.perf_counter()
         for m in msgs:
             await p.send(s.raw_topic, m, key=NODE.encode())
@@ -204,6 +221,11 @@ async def run_load(s: StreamSettings, msgs: list[bytes], want: int, warm: bytes,
                 print(f"  {marks.pop(0) - target + want} logs at {time.perf_counter() - t0:.2f} s")
         secs = time.perf_counter() - t0
         cpu = {k: cpu_s(p) - cpu0[k] for k, p in pids.items()}
+        if threads0:
+            now = thread_cpu_s(pids["armorstream worker"])
+            by_thread = {k: v - threads0.get(k, 0.0) for k, v in now.items()}
+            busy = sorted(by_thread.items(), key=lambda kv: -kv[1])
+            cpu.update({f"  {k}": v for k, v in busy if v >= 0.05})
         # The header count, checked by a consumer that reads every record (untimed).
         await wait_logs(s, seen, exact=True)
         return secs, cpu
@@ -704,7 +726,9 @@ def main() -> None:
     print(f"ratio: {cand_rate / naive_rate:.1f}x the naive pipeline into chdb (target >= 100x); "
           f"{cand_rate / naive['naive']:.1f}x the Kafka-only one")
     print(f"CPU seconds while armorstream ran ({cand_s:.2f} s on {os.cpu_count()} cores): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+          + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if not k.startswith(" ")))
+    print("  the worker's threads: " + ", ".join(f"{k.strip()} {v:.2f}" for k, v in cpu.items()
+                                                  if k.startswith(" ")))
     worker_cpu = cpu["armorstream worker"]
     print(f"worker: {a.events / worker_cpu:,.0f} events per CPU-second (its rate with a core of its own), "
           f"RSS {rss:.0f} MiB (peak {peak:.0f} MiB)" + (" [py-spy's, not the worker's]" if a.py_spy else ""))

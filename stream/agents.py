@@ -35,11 +35,12 @@ import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
+from aiokafka.structs import TopicPartition
 
 from enforcer.control import ControlError
 from enforcer.envelope import decode_header
 from enforcer.errors import ArmorstreamError
-from stream.alerts import AlertThrottle, SiemBatch, SiemEncoder
+from stream.alerts import EVENT_ID_HEADER, AlertThrottle, SiemBatch, SiemEncoder
 from stream.app import StreamSettings, make_app
 from stream.join import AckToken, LateBuffer, MetadataState
 from stream.topics import StreamTopics
@@ -61,6 +62,15 @@ class Sink(Protocol):
 
     def stored(self, ids: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         """Which raw batches (node, seq) are already stored; empty when that cannot be known."""
+        ...
+
+    def write_marks(self, marks: list[tuple[str, int, str, int, int]]) -> None:
+        """(raw topic, raw partition, SIEM topic, SIEM partition, offset): what was sent for raw
+        messages not yet stored lies at or above the offset."""
+        ...
+
+    def marks(self, raw_topic: str, raw_partition: int) -> dict[tuple[str, int], int]:
+        """The newest mark per SIEM (topic, partition) of a raw partition; empty when unknown."""
         ...
 
 
@@ -111,6 +121,20 @@ class ClickHouseHistory:
                 log.info("stored batches unknown, sending the step: %s", e)
                 return set()
 
+    def write_marks(self, marks: list[tuple[str, int, str, int, int]]) -> None:
+        with self._lock:
+            self.sink.write_marks(marks)
+
+    def marks(self, raw_topic: str, raw_partition: int) -> dict[tuple[str, int], int]:
+        from stream.store import StoreError
+
+        with self._lock:
+            try:
+                return self.sink.marks(raw_topic, raw_partition)
+            except StoreError as e:
+                log.warning("SIEM marks of raw partition %d unknown: %s", raw_partition, e)
+                return {}
+
     def close(self) -> None:
         self.store.close()
 
@@ -135,6 +159,15 @@ class StreamRuntime(mode.Service):
         self.deliveries: set[asyncio.Future[None]] = set()
         self._next_offset: dict[int, int] = {}  # raw partition -> the offset that follows the last one
         self._checking: set[int] = set()  # raw partitions whose batches may be re-deliveries (stored)
+        # Exactly once on the SIEM topics (see `stored` and `_write_marks`):
+        self.app: faust.App | None = None  # for the raw partitions this worker owns
+        self._siem_end: dict[tuple[str, int], int] = {}  # SIEM partition -> end after our last acked batch
+        self._open: dict[int, dict[tuple[str, int], int]] = {}  # id(token) -> _siem_end as its sends began
+        self._marked_at = 0.0
+        self._scanned: set[int] = set()  # raw partitions whose SIEM records were read back
+        self._sent_ids: set[bytes] = set()  # event ids found on the SIEM topics (catch-up only)
+        self._sent_batches: set[tuple[str, int]] = set()  # their raw batches
+        self.already_sent = 0  # records not sent again: found on the SIEM topics after a restart
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
@@ -150,7 +183,18 @@ class StreamRuntime(mode.Service):
         )
         await self.producer.start()
         await self.control.start()
+        # Where our sends will begin on each SIEM partition: the marks' starting point.
+        with contextlib.suppress(KafkaError):
+            tps = await self._siem_partitions()
+            self._siem_end = {(tp.topic, tp.partition): off
+                              for tp, off in (await self.control.end_offsets(tps)).items()}
         self.ready.set()
+
+    async def _siem_partitions(self) -> list[TopicPartition]:
+        assert self.producer is not None
+        s = self.settings
+        return [TopicPartition(t, p) for t in (s.alerts_topic, s.logs_topic)
+                for p in sorted(await self.producer.partitions_for(t))]
 
     async def on_stop(self) -> None:
         # Steps already sent to the SIEM topics finish their ClickHouse insert before we go.
@@ -163,9 +207,12 @@ class StreamRuntime(mode.Service):
             if c is not None:
                 with contextlib.suppress(KafkaError):
                     await c.stop()
+        with contextlib.suppress(Exception):
+            await self._write_marks(force=True)
         if isinstance(self.sink, ClickHouseHistory):
             self.sink.close()
-        log.info("stream counters at stop: %s sent=%s", self.processor.counters(), self.sent)
+        log.info("stream counters at stop: %s sent=%s already_sent=%d", self.processor.counters(), self.sent,
+                 self.already_sent)
 
     @mode.Service.task
     async def _control_loop(self) -> None:
@@ -228,7 +275,8 @@ class StreamRuntime(mode.Service):
 
     @mode.Service.timer(10.0)
     async def _report(self) -> None:
-        log.info("stream counters: %s sent=%s", self.processor.counters(), self.sent)
+        log.info("stream counters: %s sent=%s already_sent=%d", self.processor.counters(), self.sent,
+                 self.already_sent)
 
     def delivered(self, inflight: asyncio.Semaphore, task: asyncio.Future[None]) -> None:
         inflight.release()
@@ -266,10 +314,75 @@ class StreamRuntime(mode.Service):
                 ids[(hdr.node, hdr.seq)] = part
         if not ids:
             return set()
-        found = await asyncio.get_running_loop().run_in_executor(None, self.sink.stored, list(ids))
-        for part in set(ids.values()) - {ids[i] for i in found if i in ids}:
-            self._checking.discard(part)  # caught up with what the store has
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, self.sink.stored, list(ids))
+        new = self._checking - self._scanned
+        if new:  # what went out for raw messages not stored (a crash between the two)
+            await self._scan_sent(new)
+        sent = {i for i in ids if i not in found and i in self._sent_batches}
+        for part in set(ids.values()) - {ids[i] for i in found | sent if i in ids}:
+            self._checking.discard(part)  # caught up with what the store and the SIEM topics have
+        if not self._checking:
+            self._scanned.clear()
+            self._sent_ids, self._sent_batches = set(), set()
         return found
+
+    async def _scan_sent(self, parts: set[int]) -> None:
+        """Read the SIEM topics from the raw partitions' marks to their end and keep the event ids
+        found there: records of raw messages that were sent but not stored before a crash, which
+        `deliver` then leaves out. Without a mark, the last `siem_scan_max` records per SIEM
+        partition are read."""
+        assert self.sink is not None
+        s = self.settings
+        self._scanned |= parts
+        loop = asyncio.get_running_loop()
+        lows: dict[tuple[str, int], int] = {}
+        missing = False
+        for p in sorted(parts):
+            m = await loop.run_in_executor(None, self.sink.marks, s.raw_topic, p)
+            missing = missing or not m
+            for tp, off in m.items():
+                lows[tp] = min(lows.get(tp, off), off)
+        tps = await self._siem_partitions()
+        c = AIOKafkaConsumer(bootstrap_servers=s.broker, group_id=None, enable_auto_commit=False,
+                             max_partition_fetch_bytes=8 << 20)
+        t0, n = time.monotonic(), 0
+        await c.start()
+        try:
+            c.assign(tps)
+            ends = await c.end_offsets(tps)
+            begins = await c.beginning_offsets(tps)
+            todo = set()
+            for tp in tps:
+                low = lows.get((tp.topic, tp.partition), 0) if not missing else 0
+                start = max(low, begins[tp], ends[tp] - s.siem_scan_max)
+                if start < ends[tp]:
+                    c.seek(tp, start)
+                    todo.add(tp)
+            deadline = time.monotonic() + 120
+            while todo:
+                got = await c.getmany(*todo, timeout_ms=500, max_records=50_000)
+                for recs in got.values():
+                    for r in recs:
+                        n += 1
+                        for k, v in r.headers or ():
+                            if k == EVENT_ID_HEADER:
+                                self._sent_ids.add(v)
+                for tp in list(todo):
+                    if await c.position(tp) >= ends[tp]:
+                        todo.discard(tp)
+                if todo and time.monotonic() > deadline:
+                    log.warning("SIEM topics not read back within 120 s: records may be sent twice")
+                    break
+        finally:
+            await c.stop()
+        for i in self._sent_ids:
+            node, seq, _ = i.decode(errors="replace").split("/", 2)
+            self._sent_batches.add((node, int(seq)))
+        where = f"no marks: the last {s.siem_scan_max} per partition" if missing else "from their marks"
+        log.info("raw partitions %s: read %d SIEM records back in %.2f s (%s); %d event ids of %d raw "
+                 "batches, left out unless stored", sorted(parts), n, time.monotonic() - t0, where,
+                 len(self._sent_ids), len(self._sent_batches))
 
     async def deliver(self, out: Output) -> None:
         """Send everything in `out`, store it, then release (and ack) what it came from."""
@@ -277,28 +390,71 @@ class StreamRuntime(mode.Service):
         s = self.settings
         futs: list[asyncio.Future[Any]] = []
         assert self.producer is not None
+        if self._sent_ids:
+            out.siem, n = out.siem.without(self._sent_ids)
+            self.already_sent += n
+        began = dict(self._siem_end)  # this step's records land at or above these offsets
+        for tok in out.released:
+            self._open.setdefault(id(tok), began)
         for d in out.dead:
             headers = [("armorstream-error", d.reason.encode()), ("armorstream-origin", d.origin.encode())]
             futs.append(await self.producer.send(s.dead_letter_topic, d.value, key=d.key, headers=headers))
-        futs += await self._send(s.alerts_topic, out.siem.alerts)
-        futs += await self._send(s.logs_topic, out.siem.logs)
+        futs += await self._send(s.alerts_topic, out.siem.alert_records)
+        futs += await self._send(s.logs_topic, out.siem.log_records)
         if futs:
             await asyncio.gather(*futs)
         self.sent["dead"] += len(out.dead)
-        self.sent["alerts"] += len(out.siem.alerts)
-        self.sent["logs"] += len(out.siem.logs)
+        self.sent["alerts"] += len(out.siem.alert_records)
+        self.sent["logs"] += len(out.siem.log_records)
         out.siem, out.dead = SiemBatch(), []  # sent: not held through the ClickHouse insert
         done = [tok for tok in out.released if tok.release()]
         groups = out.groups + [g for tok in done for g in tok.groups]
         if self.sink is not None and groups:
             await asyncio.get_running_loop().run_in_executor(None, self.sink.write, groups)
+        for tok in done:
+            self._open.pop(id(tok), None)
         if self.stream is not None:
             for tok in done:
                 if tok.event is not None:
                     await self.stream.ack(tok.event)
+        await self._write_marks()
 
-    async def _send(self, topic: str, records: list[tuple[bytes, bytes]]) -> list[asyncio.Future[Any]]:
-        """Producer batches, one stream of them per partition, keyed like Kafka's default partitioner."""
+    async def _write_marks(self, force: bool = False) -> None:
+        """For each raw partition this worker owns (and has caught up with): per SIEM partition,
+        the offset at or above which lie all records it sent for raw messages not yet stored.
+
+        A step's records follow every record acked before its sends began (`_siem_end` then), so
+        the lowest such snapshot among unstored steps is a bound; with none open, the end of our
+        last acked batch. At most every `mark_interval_s`; a failed write only costs a longer
+        read-back after a crash."""
+        if self.sink is None or self.settings.resend_stored or self.app is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._marked_at < self.settings.mark_interval_s:
+            return
+        self._marked_at = now
+        s = self.settings
+        try:
+            owned = [tp.partition for tp in self.app.consumer.assignment() if tp.topic == s.raw_topic]
+        except Exception:  # no consumer yet, or being rebalanced: next time
+            return
+        owned = [p for p in owned if p not in self._checking]
+        rows = []
+        for tp, end in self._siem_end.items():
+            began = [snap.get(tp) for snap in self._open.values()]
+            if None in began:
+                continue  # an open step began before this partition's end was known
+            low = min([b for b in began if b is not None], default=end)
+            rows += [(s.raw_topic, p, tp[0], tp[1], low) for p in owned]
+        if rows:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.sink.write_marks, rows)
+            except ArmorstreamError as e:
+                log.warning("SIEM marks not written: %s", e)
+
+    async def _send(self, topic: str, records: list[tuple[bytes, bytes, bytes]]) -> list[asyncio.Future[Any]]:
+        """Producer batches, one stream of them per partition, keyed like Kafka's default partitioner;
+        each record with its event id header."""
         if not records:
             return []
         assert self.producer is not None
@@ -306,7 +462,7 @@ class StreamRuntime(mode.Service):
         if n is None:
             n = self._partitions[topic] = len(await self.producer.partitions_for(topic))
         # Records come in runs of one key (a container's events): one partition lookup per run.
-        by_part: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+        by_part: dict[int, list[tuple[bytes, bytes, bytes]]] = defaultdict(list)
         part_of = self._part_of
         if len(part_of) > 100_000:  # keys are namespace/pod: pods come and go
             part_of.clear()
@@ -317,16 +473,25 @@ class StreamRuntime(mode.Service):
             by_part[p].extend(run)
         futs = []
         for p, recs in by_part.items():
-            batch = self.producer.create_batch()
-            for k, v in recs:
-                if batch.append(key=k, value=v, timestamp=None) is None:
-                    futs.append(await self._enqueue(batch, topic, p))
-                    batch = self.producer.create_batch()
-                    batch.append(key=k, value=v, timestamp=None)
-            futs.append(await self._enqueue(batch, topic, p))
+            batch, n = self.producer.create_batch(), 0
+            for k, v, i in recs:
+                headers = [(EVENT_ID_HEADER, i)]
+                if batch.append(key=k, value=v, timestamp=None, headers=headers) is None:
+                    futs.append(await self._enqueue(batch, topic, p, n))
+                    batch, n = self.producer.create_batch(), 0
+                    batch.append(key=k, value=v, timestamp=None, headers=headers)
+                n += 1
+            futs.append(await self._enqueue(batch, topic, p, n))
         return futs
 
-    async def _enqueue(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+    def _acked(self, tp: tuple[str, int], n: int, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        end = fut.result().offset + n
+        if end > self._siem_end.get(tp, -1):
+            self._siem_end[tp] = end
+
+    async def _enqueue(self, batch: Any, topic: str, partition: int, n: int) -> asyncio.Future[Any]:
         """send_batch, waiting as long as the broker keeps draining.
 
         aiokafka queues one batch per partition and makes send_batch wait for the one
@@ -339,6 +504,7 @@ class StreamRuntime(mode.Service):
         while True:
             try:
                 fut: asyncio.Future[Any] = await self.producer.send_batch(batch, topic, partition=partition)
+                fut.add_done_callback(partial(self._acked, (topic, partition), n))
                 return fut
             except KafkaTimeoutError:
                 if time.monotonic() > deadline:
@@ -377,6 +543,7 @@ def build(settings: StreamSettings, sink: Sink | None = None) -> tuple[faust.App
     if sink is None and s.clickhouse:
         sink = ClickHouseHistory(s.clickhouse, s.cluster)
     runtime = StreamRuntime(s, processor, sink)
+    runtime.app = app
 
     @app.agent(topics.raw, name="armorstream.raw-batches")
     async def raw_batches(stream: faust.StreamT[bytes]) -> None:
@@ -391,6 +558,11 @@ def build(settings: StreamSettings, sink: Sink | None = None) -> tuple[faust.App
             msgs = []
             for ev in events:
                 km = ev.message
+                # take_events acks every event it yielded as soon as the next step is taken, even
+                # on a noack() stream: before the step is stored. One more reference per message
+                # keeps that ack from being the final one; `deliver` gives the last (Faust commits
+                # an offset once its message's references are all acked).
+                km.incref()
                 origin = f"{km.topic}/{km.partition}/{km.offset}"
                 msgs.append(RawMessage(ev.value, ev.key, origin, AckToken(ev)))
             stored = await runtime.stored(msgs, [(ev.message.partition, ev.message.offset) for ev in events])

@@ -10,11 +10,16 @@ Throttling follows KubeArmor's (maxAlertPerSec, throttleSec): when a container
 raises more than `max_per_sec` alerts within one second, one summary alert
 goes out and that container's alerts are dropped (and counted) for
 `throttle_s` seconds. Logs are never throttled.
+
+Every record carries one Kafka header, `armorstream-event`: "node/batch_seq/event_index" of
+the raw event it reports (a throttle summary: the triggering alert's id + "/summary"). The
+stream uses it to find, after a crash, which records already reached the SIEM topics; a SIEM
+consumer can use it to deduplicate, as ClickHouse's rows carry the same three ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, compress, repeat
@@ -28,9 +33,12 @@ import pyarrow.compute as pc
 from stream.decode import EventColumns, result_strings
 from stream.join import ContainerMeta
 
-__all__ = ["ALERT_TYPES", "AlertThrottle", "CodedGroup", "Decision", "SiemBatch", "SiemEncoder"]
+__all__ = [
+    "ALERT_TYPES", "EVENT_ID_HEADER", "AlertThrottle", "CodedGroup", "Decision", "SiemBatch", "SiemEncoder",
+]
 
 ALERT_TYPES = frozenset({"MatchedPolicy", "MatchedHostPolicy", "SystemEvent"})
+EVENT_ID_HEADER = "armorstream-event"  # Kafka header: b"node/batch_seq/event_index"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +113,30 @@ class AlertThrottle:
 
 @dataclass
 class SiemBatch:
-    """Encoded output of one or more groups: (key, value) pairs per topic."""
+    """Encoded output of one or more groups: (key, value, event id) per record, per topic."""
 
-    alerts: list[tuple[bytes, bytes]] = field(default_factory=list)
-    logs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    alert_records: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    log_records: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+
+    @property
+    def alerts(self) -> list[tuple[bytes, bytes]]:
+        return [(k, v) for k, v, _ in self.alert_records]
+
+    @property
+    def logs(self) -> list[tuple[bytes, bytes]]:
+        return [(k, v) for k, v, _ in self.log_records]
 
     def extend(self, other: SiemBatch) -> None:
-        self.alerts.extend(other.alerts)
-        self.logs.extend(other.logs)
+        self.alert_records.extend(other.alert_records)
+        self.log_records.extend(other.log_records)
+
+    def without(self, sent: Collection[bytes]) -> tuple[SiemBatch, int]:
+        """The records whose event id is not in `sent` (already on the SIEM topics), and how many
+        were left out."""
+        alerts = [r for r in self.alert_records if r[2] not in sent]
+        logs = [r for r in self.log_records if r[2] not in sent]
+        dropped = len(self.alert_records) + len(self.log_records) - len(alerts) - len(logs)
+        return SiemBatch(alerts, logs), dropped
 
 
 def _iso(ns: int) -> str:
@@ -206,9 +230,10 @@ class SiemEncoder:
             return out
         sizes = [len(g.cols) for g in gs]
         gidx = pa.array(np.repeat(np.arange(len(gs)), sizes))
-        keys, tkeys, prefixes, ops = [], [], [], []
+        keys, tkeys, prefixes, ops, id_prefixes = [], [], [], [], []
         for g in gs:
             cols, meta = g.cols, g.meta
+            id_prefixes.append(f"{cols.node}/{cols.seq}/".encode())
             if meta is not None and not meta.host:
                 keys.append(f"{meta.namespace}/{meta.pod}".encode())
                 tkeys.append(meta.container_id)
@@ -261,17 +286,20 @@ class SiemEncoder:
             pa.array([p.end for p in parts], _B).take(code), result, cwd,
             _lit(b"}"), _lit(b""),
         ).to_pylist()
+        index = _numbers([g.cols.index for g in gs])
+        ids = pc.binary_join_element_wise(pa.array(id_prefixes, _B).take(gidx), index, _lit(b"")).to_pylist()
         row_keys = list(chain.from_iterable(repeat(k, n) for k, n in zip(keys, sizes, strict=True)))
-        out.logs = list(compress(zip(row_keys, values, strict=True), (~alert).tolist()))
+        out.log_records = list(compress(zip(row_keys, values, ids, strict=True), (~alert).tolist()))
         if alert.any():
             g_of = gidx.to_numpy()
             for i in np.flatnonzero(alert).tolist():
                 gi = int(g_of[i])
                 send, summary = self.throttle.admit(tkeys[gi], int(secs[i]))
                 if summary:
-                    out.alerts.append((keys[gi], self._summary(prefixes[gi], int(secs[i]), int(ts[i]))))
+                    out.alert_records.append((keys[gi], self._summary(prefixes[gi], int(secs[i]), int(ts[i])),
+                                              ids[i] + b"/summary"))
                 if send:
-                    out.alerts.append((keys[gi], values[i]))
+                    out.alert_records.append((keys[gi], values[i], ids[i]))
         return out
 
     def _summary(self, prefix: bytes, sec: int, ts: int) -> bytes:

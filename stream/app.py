@@ -41,6 +41,11 @@ class StreamSettings:
     # Re-delivered raw batches the store already holds are not sent to the SIEM topics again
     # (StreamRuntime.stored); True sends them anyway (a deliberate replay under a new group).
     resend_stored: bool = False
+    # Exactly once on the SIEM topics: where each raw partition's unstored sends begin (marks,
+    # in ClickHouse, at most every mark_interval_s) and, after a crash, how far back the SIEM
+    # partitions are read at most when a raw partition has no mark (StreamRuntime.stored).
+    mark_interval_s: float = 1.0
+    siem_scan_max: int = 1_000_000
     max_inflight: int = 2  # steps being delivered while the next is processed (back-pressure bound)
     # late metadata
     late_wait_s: float = 5.0

@@ -227,6 +227,23 @@ def test_throttled_alerts_emit_one_summary() -> None:
     assert len(out.groups[0].decisions) == 6  # storage still gets every event
 
 
+def test_every_record_carries_its_event_id() -> None:
+    """node/batch_seq/event_index: what the stream reads back after a crash, and what a SIEM can
+    deduplicate on; a throttle summary has the id of the alert that tripped it plus /summary."""
+    p = BatchProcessor(encoder=SiemEncoder(throttle=AlertThrottle(max_per_sec=2, throttle_s=30)))
+    add_container(p.state, 1, container("c1", "a"))
+    add_container(p.state, 2, container("c2", "b"))
+    out = p.process(file_batch(1, 1, [b"/s"] * 3, seq=7, flags=Flag.BLOCKED, ret=-13))
+    out.extend(p.process(file_batch(2, 1, [b"/x", b"/y"], seq=8)))
+    assert [i for _, _, i in out.siem.alert_records] == [b"node-a/7/0", b"node-a/7/1", b"node-a/7/2/summary"]
+    assert [(i, orjson.loads(v)["Resource"]) for _, v, i in out.siem.log_records] == [
+        (b"node-a/8/0", "/x"), (b"node-a/8/1", "/y")]
+    left, dropped = out.siem.without({b"node-a/7/1", b"node-a/8/0", b"node-a/9/0"})
+    assert dropped == 2
+    assert [i for _, _, i in left.alert_records] == [b"node-a/7/0", b"node-a/7/2/summary"]
+    assert left.logs == [out.siem.logs[1]]
+
+
 SHADOW_POLICY = {
     "apiVersion": "security.kubearmor.com/v1",
     "kind": "KubeArmorPolicy",

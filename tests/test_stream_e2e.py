@@ -132,6 +132,16 @@ async def wait_committed(s: StreamSettings, timeout: float = 20.0) -> None:
         await admin.close()
 
 
+async def committed(s: StreamSettings) -> Any:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker)
+    await admin.start()
+    try:
+        tps = [TopicPartition(s.raw_topic, p) for p in range(s.partitions)]
+        return await admin.list_consumer_group_offsets(s.app_id, partitions=tps)
+    finally:
+        await admin.close()
+
+
 def control_items(s: StreamSettings, cgroup: int, cid: str, pod: str, ns: str) -> list[Item]:
     ct = ControlTopics(s.control_prefix)
     rec = container(cid, pod, ns)
@@ -238,9 +248,9 @@ def test_restart_neither_loses_nor_repeats(worker: Worker) -> None:
 
 
 def test_sigkill_mid_stream_loses_nothing_and_stores_once(worker: Worker) -> None:
-    """SIGKILL while batches flow, restart: every event reaches the SIEM topic (at least once:
-    a batch sent there but not yet stored at the kill goes again; one stored but not yet
-    committed does not, see the next test) and ClickHouse exactly once."""
+    """SIGKILL while batches flow, restart: every event reaches the SIEM topic and ClickHouse
+    exactly once (a batch sent but not stored at the kill is found on the SIEM topic again, one
+    stored but not committed in the ledger; the next tests pin each case down)."""
     s = worker.settings
     n_batches, per = 40, 500
     raw = [file_batch(1, 100, [f"/k/{b}/{i}".encode() for i in range(per)], seq=b) for b in range(n_batches)]
@@ -250,10 +260,11 @@ def test_sigkill_mid_stream_loses_nothing_and_stores_once(worker: Worker) -> Non
     worker.stop(signal.SIGKILL)
     worker.start()
     total = n_batches * per
-    got = asyncio.run(collect(s, {s.logs_topic: total}))[s.logs_topic]
-    resources = {orjson.loads(m.value)["Resource"] for m in got}
-    assert resources == {f"/k/{b}/{i}" for b in range(n_batches) for i in range(per)}
+    asyncio.run(collect(s, {s.logs_topic: total}))
     asyncio.run(wait_committed(s))
+    got = asyncio.run(drain_count(s, s.logs_topic))
+    resources = sorted(orjson.loads(m.value)["Resource"] for m in got)
+    assert resources == sorted(f"/k/{b}/{i}" for b in range(n_batches) for i in range(per))
     worker.stop()
     with open_store(StoreConfig(path=worker.store_dir)) as store:
         rows = store.rows("SELECT count(), uniqExact(batch_seq, event_index), uniqExact(Resource) "
@@ -378,6 +389,67 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+@pytest.mark.clickhouse
+def test_sigkill_after_sending_before_storing_sends_nothing_twice(broker: Any, tmp_path: Path) -> None:
+    """The window Kafka transactions would close: Alerts and Logs are on the SIEM topics, their
+    rows not yet in ClickHouse (it is away), and the worker is SIGKILLed. The restarted worker
+    reads the SIEM topics back from its raw partitions' marks, stores every row and sends only
+    what had not gone out: each record exactly once."""
+    s = StreamSettings(broker=broker.bootstrap, partitions=2, siem_partitions=2)
+    ch = ClickHouseServer(tmp_path / "chdata", free_port(), tmp_path / "clickhouse.log").start()
+    asyncio.run(ensure_topics(s))
+    ch.wait_ready()
+    worker = Worker(s, tmp_path, clickhouse=ch.url, extra=["--take-max", "2"]).start()
+    try:
+        per = 40
+        before = [file_batch(1, 100, [f"/a/{b}/{i}".encode() for i in range(per)], seq=b) for b in range(4)]
+        asyncio.run(produce(s, control_items(s, 1, "c-web", "web", "shop")
+                            + [(s.raw_topic, NODE.encode(), r) for r in before]))
+        asyncio.run(collect(s, {s.logs_topic: 4 * per}))
+        asyncio.run(wait_committed(s))
+        time.sleep(1.2)  # past the mark interval: the next step writes marks
+
+        ch.kill()
+        during = [file_batch(1, 100, [f"/b/{b}/{i}".encode() for i in range(per)], seq=10 + b)
+                  for b in range(12)]
+        blocked = file_batch(1, 100, [b"/etc/shadow"] * 2, seq=99, flags=Flag.BLOCKED, ret=-13)
+        asyncio.run(produce(s, [(s.raw_topic, NODE.encode(), r) for r in [blocked, *during]]))
+        time.sleep(2.0)
+        sent = len(asyncio.run(drain_count(s, s.logs_topic)))
+        assert sent > 4 * per, "nothing was sent while ClickHouse was away: the test would prove nothing"
+        # Nothing sent-but-unstored is committed (Faust's take_events acks at the next step).
+        done = asyncio.run(committed(s))
+        assert done[TopicPartition(s.raw_topic, 1)].offset == 4, done
+        worker.stop(signal.SIGKILL)
+
+        ch.start()
+        ch.wait_ready()
+        worker.start()
+        total = (4 + 12) * per
+        asyncio.run(collect(s, {s.logs_topic: total, s.alerts_topic: 2}))
+        asyncio.run(wait_committed(s))
+        logs = asyncio.run(drain_count(s, s.logs_topic))
+        resources = sorted(orjson.loads(m.value)["Resource"] for m in logs)
+        assert resources == sorted([f"/a/{b}/{i}" for b in range(4) for i in range(per)]
+                                   + [f"/b/{b}/{i}" for b in range(12) for i in range(per)])
+        ids = [dict(m.headers)["armorstream-event"] for m in logs]
+        assert len(set(ids)) == total
+        alerts = [orjson.loads(m.value) for m in asyncio.run(drain_count(s, s.alerts_topic))]
+        assert [(a["Resource"], a["Action"]) for a in alerts] == [("/etc/shadow", "Block")] * 2
+        with open_store(StoreConfig(url=ch.url)) as store:
+            rows = store.rows("SELECT count(), uniqExact(batch_seq, event_index) FROM events")
+            assert rows == [(total + 2, total + 2)]
+        worker.stop()
+        log = (tmp_path / "worker.log").read_text()
+        assert "SIEM records back" in log and "from their marks" in log
+        left_out = int(log.rsplit("already_sent=", 1)[1].split()[0])
+        assert left_out >= sent - 4 * per  # the Logs sent before the kill (and maybe the 2 alerts)
+    finally:
+        worker.stop()
+        ch.kill()
+        print((tmp_path / "worker.log").read_text()[-6000:])
 
 
 @pytest.mark.clickhouse

@@ -177,6 +177,21 @@ def _m4_ledger(s: SchemaSettings) -> list[str]:
     ]
 
 
+def _m5_siem_marks(s: SchemaSettings) -> list[str]:
+    # Per raw partition and SIEM partition: every Alert/Log the stream sent there for raw
+    # messages not yet stored lies at or above `offset`. After a crash, the worker that takes
+    # the raw partition reads the SIEM topics from there to learn which records went out.
+    return [
+        "CREATE TABLE IF NOT EXISTS siem_marks (\n"
+        "    `raw_topic` LowCardinality(String),\n    `raw_partition` UInt32,\n"
+        "    `siem_topic` LowCardinality(String),\n    `siem_partition` UInt32,\n"
+        "    `offset` UInt64,\n    `written` DateTime64(3, 'UTC')\n)\n"
+        "ENGINE = ReplacingMergeTree(written)\n"
+        "ORDER BY (raw_topic, raw_partition, siem_topic, siem_partition)\n"
+        "TTL toDateTime(written) + INTERVAL 30 DAY"
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
@@ -190,4 +205,5 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "alerts table and view", _m2_alerts),
     Migration(3, "per-policy and per-namespace rollups", _m3_rollups),
     Migration(4, "ingested batch ledger", _m4_ledger),
+    Migration(5, "SIEM topic marks", _m5_siem_marks),
 )

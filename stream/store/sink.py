@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -143,6 +143,24 @@ class Sink:
             {"nodes": sorted({n for n, _ in ids}), "ids": ids},
         )
         return {(str(n), int(s)) for n, s in rows}
+
+    def write_marks(self, marks: list[tuple[str, int, str, int, int]]) -> None:
+        """(raw topic, raw partition, SIEM topic, SIEM partition, offset) rows, now."""
+        if not marks:
+            return
+        now = datetime.now(UTC)
+        with translate_errors("writing SIEM marks failed"):
+            columns = ["raw_topic", "raw_partition", "siem_topic", "siem_partition", "offset", "written"]
+            self.store.client.insert("siem_marks", [(*m, now) for m in marks], column_names=columns)
+
+    def marks(self, raw_topic: str, raw_partition: int) -> dict[tuple[str, int], int]:
+        """The newest mark of each SIEM partition for one raw partition."""
+        rows = self.store.rows(
+            "SELECT siem_topic, siem_partition, argMax(offset, written) FROM siem_marks "
+            "WHERE raw_topic = {t:String} AND raw_partition = {p:UInt32} GROUP BY siem_topic, siem_partition",
+            {"t": raw_topic, "p": raw_partition},
+        )
+        return {(str(t), int(p)): int(o) for t, p, o in rows}
 
     def insert(self, table: pa.Table) -> InsertResult:
         """Insert one batch of events column-wise; safe to call again with the same table.
