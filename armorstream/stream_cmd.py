@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -102,6 +103,12 @@ def stream(broker: str, clickhouse: str | None, raw_topic: str, alerts_topic: st
             raise click.ClickException(f"cannot serve metrics on {metrics_addr}:{metrics_port}: {e}") from e
         click.echo(f"metrics: http://{metrics_addr}:{metrics.port}/metrics", err=True)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # Every step allocates ~100k container objects (records, tuples); with CPython's default
+    # threshold (700) the collector ran ~900 times per 600k events and rescanned the verdict
+    # cache and Faust's objects in gen 1/2: 0.35 s of the worker's 3.8 CPU-s. Start-up objects
+    # go to the permanent generation, young ones are collected every 50k: 0.14 s.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     worker = _worker_class(faust.Worker, shutdown_timeout)(
         app, runtime, loop=loop, loglevel=log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -650,6 +650,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/armorstream-bench-stream"))
     ap.add_argument("--no-clickhouse", action="store_true",
                     help="armorstream without its chdb history (SIEM topics only)")
+    ap.add_argument("--serve", action="store_true",
+                    help="armorstream writes by URL to `armorstream clickhouse serve` (chdb in its own "
+                         "process), as `armorstream up` runs it, instead of chdb inside the worker")
     ap.add_argument("--py-spy", type=Path, default=None, metavar="SVG",
                     help="sample the armorstream worker with py-spy (collapsed stacks)")
     ap.add_argument("--take-max", type=int, default=None, help="the worker's --take-max (default: the CLI's)")
@@ -697,10 +700,15 @@ def main() -> None:
         cmd = [sys.executable, *prof, "-m", "armorstream.cli", "stream", "--broker", b.bootstrap,
                "--partitions", "1", "--siem-partitions", "1", "--no-create-topics", *take_max_args(a),
                *os.environ.get("BENCH_WORKER_ARGS", "").split()]  # e.g. "--siem-compression none"
+        served = None
         if not a.no_clickhouse:
             store = a.workdir / "ch"
             shutil.rmtree(store, ignore_errors=True)
-            cmd += ["--clickhouse", f"chdb:{store}"]
+            if a.serve:
+                served = ClickHouseServe(store, a.workdir / "clickhouse-serve.log").start()
+                cmd += ["--clickhouse", served.url]
+            else:
+                cmd += ["--clickhouse", f"chdb:{store}"]
         if a.py_spy:
             spy = Path(sys.executable).parent / "py-spy"
             cmd = [str(spy), "record", "--nonblocking", "-r", "100", "-f", "raw",
@@ -710,15 +718,23 @@ def main() -> None:
             msgs = batches(a.events, a.batch)
             assert b.proc is not None
             pids = {"armorstream worker": w.pid, "tansu broker": b.proc.pid}
+            if served is not None and served.proc is not None:
+                pids["clickhouse serve"] = served.proc.pid
             cand_s, cpu = asyncio.run(run_load(cand, msgs, a.events, batches(1, 1)[0], pids))
             rss, peak = rss_mib(w.pid), rss_mib(w.pid, "VmHWM")
+            if served is not None and served.proc is not None:
+                print(f"clickhouse serve: RSS {rss_mib(served.proc.pid):.0f} MiB "
+                      f"(peak {rss_mib(served.proc.pid, 'VmHWM'):.0f} MiB)")
         finally:
             stop(w, signal.SIGINT if a.py_spy else signal.SIGTERM)
+            if served is not None:
+                served.kill()
         lat = None if a.no_latency else paced_phases(b, a)
     cand_rate = a.events / cand_s
     naive_rate = naive["naive-ch"]
     alone = processing_only(batches(a.events, a.batch), a.events, a.take_max)
-    cand_name = f"armorstream, {a.batch} events/message" + ("" if a.no_clickhouse else " + chdb")
+    cand_name = f"armorstream, {a.batch} events/message" + (
+        "" if a.no_clickhouse else " + chdb by URL" if a.serve else " + chdb")
     for name, n, rate in (("naive faust + chdb, 1 event/message", a.naive_events, naive_rate),
                           ("naive faust (Kafka only)", a.naive_events, naive["naive"]),
                           (cand_name, a.events, cand_rate)):

@@ -52,6 +52,10 @@ class StreamMetrics(ServedCollector):
         for kind, n in rt.sent.items():
             sent.add_metric([kind], n)
         yield sent
+        fam = CounterMetricFamily(_PREFIX + "records_already_sent", "Alerts/Logs not sent again after a "
+                                  "restart: found on the SIEM topics (sent before a crash, not yet stored)")
+        fam.add_metric([], rt.already_sent)
+        yield fam
         rows = getattr(rt.sink, "rows", None)
         if rows is not None:
             fam = CounterMetricFamily(_PREFIX + "rows_stored", "Rows inserted into ClickHouse")

@@ -324,6 +324,7 @@ def test_metrics_endpoint_counts_what_the_worker_did(worker: Worker) -> None:
     assert values['armorstream_stream_records_sent_total{topic="logs"}'] == 30
     assert values['armorstream_stream_records_sent_total{topic="dead"}'] == 1
     assert values["armorstream_stream_rows_stored_total"] == 30
+    assert values["armorstream_stream_records_already_sent_total"] == 0
     assert values["armorstream_stream_caught_up"] == 1 and values["armorstream_stream_failed"] == 0
 
 
