@@ -163,11 +163,11 @@ def _lit(b: bytes) -> pa.Scalar:
     return pa.scalar(b, _B)
 
 
-def _json_strings(values: list[str]) -> pa.Array:
+def _json_strings(values: list[str] | pa.Array) -> pa.Array:
     """Each string as a JSON string literal (quoted, escaped exactly as orjson does)."""
-    arr = pa.array(values, pa.string())
+    arr = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
     if pc.any(pc.match_substring_regex(arr, _NEEDS_ESCAPE)).as_py():
-        return pa.array([orjson.dumps(v) for v in values], _B)  # rare: quotes, backslashes, newlines
+        return pa.array([orjson.dumps(v) for v in arr.to_pylist()], _B)  # rare: quotes, backslashes, newlines
     return pc.binary_join_element_wise(_lit(b'"'), arr.cast(_B), _lit(b'"'), _lit(b""))
 
 
@@ -259,12 +259,22 @@ class SiemEncoder:
         fixed = pa.array([p.result for p in parts], _B).take(code)
         result = pc.coalesce(fixed, by_ret)
 
+        starts = np.cumsum([0, *sizes]).tolist()
+
+        def column(attr: str, values: list[str]) -> pa.Array:
+            # Kept per group (zero-copy slices) for the ClickHouse insert of the same rows.
+            arr = pa.array(values, pa.string())
+            for g, start, n in zip(gs, starts, sizes, strict=False):
+                g.cols.arrow[attr] = arr.slice(start, n)
+            return arr
+
         def strings(attr: str) -> pa.Array:
-            return _json_strings(list(chain.from_iterable(getattr(g.cols, attr) for g in gs)))
+            return _json_strings(column(attr, list(chain.from_iterable(getattr(g.cols, attr) for g in gs))))
 
         if any(g.cols.cwd for g in gs):
-            cwd_text = list(chain.from_iterable(g.cols.cwd or repeat("", len(g.cols)) for g in gs))
-            has = pc.not_equal(pa.array(cwd_text, pa.string()), "")
+            cwd_text = column("cwd", list(chain.from_iterable(g.cols.cwd or repeat("", len(g.cols))
+                                                              for g in gs)))
+            has = pc.not_equal(cwd_text, "")
             tagged = pc.binary_join_element_wise(_lit(b',"Cwd":'), _json_strings(cwd_text), _lit(b""))
             cwd = pc.if_else(has, tagged, _lit(b""))
         else:

@@ -159,6 +159,9 @@ class EventColumns:
     cwd: list[str] = field(default_factory=list)
     owner_uid: np.ndarray | None = None  # owner of the file/binary (ownerOnly rules)
     write: np.ndarray | None = None  # File: the open may write (for readOnly rules)
+    # String columns as Arrow arrays, set by the SIEM encoder (which builds them anyway) and
+    # reused for the ClickHouse insert: each string converted once (stream.worker.groups_table).
+    arrow: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.ts_ns)
@@ -174,7 +177,7 @@ class EventColumns:
                 return [v[i] for i in il] if v else v
             return v
 
-        return EventColumns(**{k: pick(v) for k, v in self.__dict__.items()})
+        return EventColumns(**{k: pick(v) for k, v in self.__dict__.items() if k != "arrow"})
 
 
 def _net_resource(arr: np.ndarray) -> tuple[list[str], list[str]]:

@@ -408,10 +408,17 @@ def groups_table(groups: Sequence[Group], cluster: str) -> pa.Table:
         numbers(name, attr, "int32")
     numbers("event_index", "index", "uint32")
     for name, attr in (("ParentProcessName", "parent_process_name"), ("ProcessName", "process_name"),
-                       ("Source", "source"), ("Resource", "resource"), ("Data", "data")):
-        out[name] = pa.array(list(chain.from_iterable(getattr(g.cols, attr) for g in gs)), pa.string())
-    out["Cwd"] = pa.array(list(chain.from_iterable(g.cols.cwd or repeat("", len(g.cols)) for g in gs)),
-                          pa.string())
+                       ("Source", "source"), ("Resource", "resource"), ("Data", "data"), ("Cwd", "cwd")):
+        done = [g.cols.arrow.get(attr) for g in gs]  # the SIEM encoder's arrays, when it made them
+        if all(a is not None for a in done):
+            out[name] = pa.concat_arrays(done)
+        elif attr == "cwd" and not any(g.cols.cwd for g in gs):
+            out[name] = pa.repeat(pa.scalar("", pa.string()), sum(sizes))
+        elif attr == "cwd":
+            out[name] = pa.array(list(chain.from_iterable(g.cols.cwd or repeat("", len(g.cols)) for g in gs)),
+                                 pa.string())
+        else:
+            out[name] = pa.array(list(chain.from_iterable(getattr(g.cols, attr) for g in gs)), pa.string())
 
     # Decisions: a handful of distinct values, spread over the rows by their codes.
     ds, didx = merge_decisions(gs)
