@@ -83,6 +83,16 @@ def _open_flags(flags: int) -> str:
     return text
 
 
+_OPEN_DATA: dict[int, str] = {}
+
+
+def _open_data(flags: list[int]) -> list[str]:
+    """Data of each open: a few distinct flag sets per batch, so one string each, then a C-level map."""
+    for f in set(flags).difference(_OPEN_DATA):
+        _OPEN_DATA[f] = f"syscall=SYS_OPENAT flags={_open_flags(f)}"
+    return list(map(_OPEN_DATA.__getitem__, flags))
+
+
 def _flags_text(flags: int) -> str:
     acc = ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE")[flags & 3]
     return "|".join([acc, *(name for bit, name in _O_FLAGS if flags & bit)])
@@ -263,7 +273,7 @@ def decode_records(
     cols.parent_process_name = procs.names(ppids, [""] * n)
     if kind == Kind.FILE:
         cols.resource = _strings(_col(arr, "path"))
-        cols.data = [f"syscall=SYS_OPENAT flags={_open_flags(f)}" for f in _col(arr, "open_flags").tolist()]
+        cols.data = _open_data(_col(arr, "open_flags").tolist())
         cols.owner_uid = _col(arr, "owner_uid")
         of = _col(arr, "open_flags")
         cols.write = ((of & 3) != 0) | ((of & _WRITE_BITS) != 0)
