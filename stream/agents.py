@@ -50,6 +50,8 @@ __all__ = ["ClickHouseHistory", "Sink", "StreamError", "StreamRuntime", "build"]
 
 log = logging.getLogger(__name__)
 
+ORIGIN_HEADER = "armorstream-origin"  # a dead letter's raw message: b"topic/partition/offset"
+
 
 class StreamError(ArmorstreamError):
     pass
@@ -167,6 +169,7 @@ class StreamRuntime(mode.Service):
         self._scanned: set[int] = set()  # raw partitions whose SIEM records were read back
         self._sent_ids: set[bytes] = set()  # event ids found on the SIEM topics (catch-up only)
         self._sent_batches: set[tuple[str, int]] = set()  # their raw batches
+        self._sent_origins: set[bytes] = set()  # raw messages already on the dead-letter topic
         self.already_sent = 0  # records not sent again: found on the SIEM topics after a restart
         super().__init__(**kwargs)
 
@@ -193,7 +196,7 @@ class StreamRuntime(mode.Service):
     async def _siem_partitions(self) -> list[TopicPartition]:
         assert self.producer is not None
         s = self.settings
-        return [TopicPartition(t, p) for t in (s.alerts_topic, s.logs_topic)
+        return [TopicPartition(t, p) for t in (s.alerts_topic, s.logs_topic, s.dead_letter_topic)
                 for p in sorted(await self.producer.partitions_for(t))]
 
     async def on_stop(self) -> None:
@@ -368,6 +371,8 @@ class StreamRuntime(mode.Service):
                         for k, v in r.headers or ():
                             if k == EVENT_ID_HEADER:
                                 self._sent_ids.add(v)
+                            elif k == ORIGIN_HEADER:  # a dead letter's raw message
+                                self._sent_origins.add(v)
                 for tp in list(todo):
                     if await c.position(tp) >= ends[tp]:
                         todo.discard(tp)
@@ -393,12 +398,19 @@ class StreamRuntime(mode.Service):
         if self._sent_ids:
             out.siem, n = out.siem.without(self._sent_ids)
             self.already_sent += n
+        if self._sent_origins and out.dead:
+            again = [d for d in out.dead if d.origin.encode() in self._sent_origins]
+            self._sent_origins.difference_update(d.origin.encode() for d in again)
+            out.dead = [d for d in out.dead if d not in again]
+            self.already_sent += len(again)
         began = dict(self._siem_end)  # this step's records land at or above these offsets
         for tok in out.released:
             self._open.setdefault(id(tok), began)
         for d in out.dead:
-            headers = [("armorstream-error", d.reason.encode()), ("armorstream-origin", d.origin.encode())]
-            futs.append(await self.producer.send(s.dead_letter_topic, d.value, key=d.key, headers=headers))
+            headers = [("armorstream-error", d.reason.encode()), (ORIGIN_HEADER, d.origin.encode())]
+            fut = await self.producer.send(s.dead_letter_topic, d.value, key=d.key, headers=headers)
+            fut.add_done_callback(self._acked_record)
+            futs.append(fut)
         futs += await self._send(s.alerts_topic, out.siem.alert_records)
         futs += await self._send(s.logs_topic, out.siem.log_records)
         if futs:
@@ -484,10 +496,16 @@ class StreamRuntime(mode.Service):
             futs.append(await self._enqueue(batch, topic, p, n))
         return futs
 
-    def _acked(self, tp: tuple[str, int], n: int, fut: asyncio.Future[Any]) -> None:
+    def _acked_record(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            md = fut.result()
+            self._acked((md.topic, md.partition), 1, fut, md.offset)
+
+    def _acked(self, tp: tuple[str, int], n: int, fut: asyncio.Future[Any],
+               offset: int | None = None) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        end = fut.result().offset + n
+        end = (fut.result().offset if offset is None else offset) + n
         if end > self._siem_end.get(tp, -1):
             self._siem_end[tp] = end
 
