@@ -392,6 +392,15 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def store_four_batches(s: StreamSettings, per: int) -> None:
+    """Pod "web" described, then raw batches 0-3 of `per` events (/a/b/i), sent, stored and committed."""
+    before = [file_batch(1, 100, [f"/a/{b}/{i}".encode() for i in range(per)], seq=b) for b in range(4)]
+    asyncio.run(produce(s, control_items(s, 1, "c-web", "web", "shop")
+                        + [(s.raw_topic, NODE.encode(), r) for r in before]))
+    asyncio.run(collect(s, {s.logs_topic: 4 * per}))
+    asyncio.run(wait_committed(s))
+
+
 @pytest.mark.clickhouse
 def test_sigkill_after_sending_before_storing_sends_nothing_twice(broker: Any, tmp_path: Path) -> None:
     """The window Kafka transactions would close: Alerts and Logs are on the SIEM topics, their
@@ -405,11 +414,7 @@ def test_sigkill_after_sending_before_storing_sends_nothing_twice(broker: Any, t
     worker = Worker(s, tmp_path, clickhouse=ch.url, extra=["--take-max", "2"]).start()
     try:
         per = 40
-        before = [file_batch(1, 100, [f"/a/{b}/{i}".encode() for i in range(per)], seq=b) for b in range(4)]
-        asyncio.run(produce(s, control_items(s, 1, "c-web", "web", "shop")
-                            + [(s.raw_topic, NODE.encode(), r) for r in before]))
-        asyncio.run(collect(s, {s.logs_topic: 4 * per}))
-        asyncio.run(wait_committed(s))
+        store_four_batches(s, per)
         time.sleep(1.2)  # past the mark interval: the next step writes marks
 
         ch.kill()
@@ -473,11 +478,7 @@ def test_clickhouse_unavailable_back_pressure_then_exact_catch_up(broker: Any, t
     worker = Worker(s, tmp_path, clickhouse=ch.url, extra=["--take-max", str(take)]).start()
     try:
         per = 50
-        before = [file_batch(1, 100, [f"/a/{b}/{i}".encode() for i in range(per)], seq=b) for b in range(4)]
-        asyncio.run(produce(s, control_items(s, 1, "c-web", "web", "shop")
-                            + [(s.raw_topic, NODE.encode(), r) for r in before]))
-        asyncio.run(collect(s, {s.logs_topic: 4 * per}))
-        asyncio.run(wait_committed(s))  # stored
+        store_four_batches(s, per)
 
         ch.kill()
         during = [file_batch(1, 100, [f"/b/{b}/{i}".encode() for i in range(per)], seq=10 + b)
