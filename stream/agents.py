@@ -399,10 +399,10 @@ class StreamRuntime(mode.Service):
             out.siem, n = out.siem.without(self._sent_ids)
             self.already_sent += n
         if self._sent_origins and out.dead:
-            again = [d for d in out.dead if d.origin.encode() in self._sent_origins]
-            self._sent_origins.difference_update(d.origin.encode() for d in again)
-            out.dead = [d for d in out.dead if d not in again]
-            self.already_sent += len(again)
+            keep = [d for d in out.dead if d.origin.encode() not in self._sent_origins]
+            self._sent_origins.difference_update(d.origin.encode() for d in out.dead)
+            self.already_sent += len(out.dead) - len(keep)
+            out.dead = keep
         began = dict(self._siem_end)  # this step's records land at or above these offsets
         for tok in out.released:
             self._open.setdefault(id(tok), began)
@@ -452,11 +452,11 @@ class StreamRuntime(mode.Service):
             return
         owned = [p for p in owned if p not in self._checking]
         rows = []
+        opened = list(self._open.values())
         for tp, end in self._siem_end.items():
-            began = [snap.get(tp) for snap in self._open.values()]
-            if None in began:
+            if any(tp not in snap for snap in opened):
                 continue  # an open step began before this partition's end was known
-            low = min([b for b in began if b is not None], default=end)
+            low = min((snap[tp] for snap in opened), default=end)
             rows += [(s.raw_topic, p, tp[0], tp[1], low) for p in owned]
         if rows:
             try:
@@ -496,16 +496,18 @@ class StreamRuntime(mode.Service):
             futs.append(await self._enqueue(batch, topic, p, n))
         return futs
 
+    def _acked(self, tp: tuple[str, int], n: int, fut: asyncio.Future[Any]) -> None:
+        """A producer batch of `n` records on `tp` is acked at its base offset."""
+        if not fut.cancelled() and fut.exception() is None:
+            self._advance(tp, fut.result().offset + n)
+
     def _acked_record(self, fut: asyncio.Future[Any]) -> None:
+        """One record (a dead letter) is acked; its metadata names its partition."""
         if not fut.cancelled() and fut.exception() is None:
             md = fut.result()
-            self._acked((md.topic, md.partition), 1, fut, md.offset)
+            self._advance((md.topic, md.partition), md.offset + 1)
 
-    def _acked(self, tp: tuple[str, int], n: int, fut: asyncio.Future[Any],
-               offset: int | None = None) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        end = (fut.result().offset if offset is None else offset) + n
+    def _advance(self, tp: tuple[str, int], end: int) -> None:
         if end > self._siem_end.get(tp, -1):
             self._siem_end[tp] = end
 

@@ -163,9 +163,8 @@ def _lit(b: bytes) -> pa.Scalar:
     return pa.scalar(b, _B)
 
 
-def _json_strings(values: list[str] | pa.Array) -> pa.Array:
+def _json_strings(arr: pa.Array) -> pa.Array:
     """Each string as a JSON string literal (quoted, escaped exactly as orjson does)."""
-    arr = values if isinstance(values, pa.Array) else pa.array(values, pa.string())
     if pc.any(pc.match_substring_regex(arr, _NEEDS_ESCAPE)).as_py():
         return pa.array([orjson.dumps(v) for v in arr.to_pylist()], _B)  # rare: quotes, backslashes, newlines
     return pc.binary_join_element_wise(_lit(b'"'), arr.cast(_B), _lit(b'"'), _lit(b""))

@@ -73,23 +73,13 @@ def _strings(col: np.ndarray) -> list[str]:
     return [b.split(b"\0", 1)[0].decode("utf-8", "replace") for b in col.tolist()]
 
 
-_FLAG_TEXT: dict[int, str] = {}
-
-
-def _open_flags(flags: int) -> str:
-    text = _FLAG_TEXT.get(flags)
-    if text is None:
-        text = _FLAG_TEXT[flags] = _flags_text(flags)
-    return text
-
-
 _OPEN_DATA: dict[int, str] = {}
 
 
 def _open_data(flags: list[int]) -> list[str]:
     """Data of each open: a few distinct flag sets per batch, so one string each, then a C-level map."""
     for f in set(flags).difference(_OPEN_DATA):
-        _OPEN_DATA[f] = f"syscall=SYS_OPENAT flags={_open_flags(f)}"
+        _OPEN_DATA[f] = f"syscall=SYS_OPENAT flags={_flags_text(f)}"
     return list(map(_OPEN_DATA.__getitem__, flags))
 
 
