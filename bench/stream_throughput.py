@@ -89,10 +89,15 @@ async def control(s: StreamSettings) -> None:
     await p.stop()
 
 
+def _stat_cpu_s(stat: str) -> float:
+    """User + system CPU seconds from a /proc .../stat line (fields after the command name)."""
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -106,8 +111,7 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
         except OSError:
             continue  # the thread ended
         name = "main" if task.name == str(pid) else stat[stat.index("(") + 1 : stat.rindex(")")]
-        f = stat.rpartition(")")[2].split()
-        out[name] = out.get(name, 0.0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        out[name] = out.get(name, 0.0) + _stat_cpu_s(stat)
     return out
 
 
