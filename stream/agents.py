@@ -22,16 +22,15 @@ import contextlib
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
-from itertools import groupby
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
 import faust
 import mode
+import numpy as np
+import pyarrow.compute as pc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import murmur2
@@ -43,6 +42,7 @@ from enforcer.errors import ArmorstreamError
 from stream.alerts import EVENT_ID_HEADER, AlertThrottle, SiemBatch, SiemEncoder
 from stream.app import StreamSettings, make_app
 from stream.join import AckToken, LateBuffer, MetadataState
+from stream.recordbatch import Batcher, RecordColumns
 from stream.topics import StreamTopics
 from stream.worker import BatchProcessor, Group, Output, RawMessage, groups_table
 
@@ -156,6 +156,7 @@ class StreamRuntime(mode.Service):
         self.stream: faust.StreamT[Any] | None = None
         self._partitions: dict[str, int] = {}
         self._part_of: dict[tuple[str, bytes], int] = {}
+        self._batchers: dict[str, Batcher] = {}  # per SIEM topic: its compression ratio so far
         self.sent = {"alerts": 0, "logs": 0, "dead": 0}
         self.failure: BaseException | None = None
         self.deliveries: set[asyncio.Future[None]] = set()
@@ -177,7 +178,7 @@ class StreamRuntime(mode.Service):
         s = self.settings
         self.producer = AIOKafkaProducer(
             bootstrap_servers=s.broker, acks="all", enable_idempotence=s.idempotent_producer,
-            linger_ms=5, max_batch_size=512 * 1024, max_request_size=4 * 1024 * 1024,
+            linger_ms=5, max_batch_size=s.siem_batch_bytes, max_request_size=4 * 1024 * 1024,
             compression_type=s.siem_compression,
         )
         self.control = AIOKafkaConsumer(
@@ -411,13 +412,14 @@ class StreamRuntime(mode.Service):
             fut = await self.producer.send(s.dead_letter_topic, d.value, key=d.key, headers=headers)
             fut.add_done_callback(self._acked_record)
             futs.append(fut)
-        futs += await self._send(s.alerts_topic, out.siem.alert_records)
-        futs += await self._send(s.logs_topic, out.siem.log_records)
+        futs += await self._send(s.alerts_topic, out.siem.alert_columns)
+        futs += await self._send(s.logs_topic, out.siem.log_columns)
         if futs:
             await asyncio.gather(*futs)
+        alerts, logs = out.siem.counts
         self.sent["dead"] += len(out.dead)
-        self.sent["alerts"] += len(out.siem.alert_records)
-        self.sent["logs"] += len(out.siem.log_records)
+        self.sent["alerts"] += alerts
+        self.sent["logs"] += logs
         out.siem, out.dead = SiemBatch(), []  # sent: not held through the ClickHouse insert
         done = [tok for tok in out.released if tok.release()]
         groups = out.groups + [g for tok in done for g in tok.groups]
@@ -464,36 +466,37 @@ class StreamRuntime(mode.Service):
             except ArmorstreamError as e:
                 log.warning("SIEM marks not written: %s", e)
 
-    async def _send(self, topic: str, records: list[tuple[bytes, bytes, bytes]]) -> list[asyncio.Future[Any]]:
+    async def _send(self, topic: str, records: RecordColumns) -> list[asyncio.Future[Any]]:
         """Producer batches, one stream of them per partition, keyed like Kafka's default partitioner;
-        each record with its event id header."""
-        if not records:
+        each record with its event id header. The batches are encoded column-wise
+        (stream.recordbatch) and handed to aiokafka whole."""
+        if not len(records):
             return []
         assert self.producer is not None
         n = self._partitions.get(topic)
         if n is None:
             n = self._partitions[topic] = len(await self.producer.partitions_for(topic))
-        # Records come in runs of one key (a container's events): one partition lookup per run.
-        by_part: dict[int, list[tuple[bytes, bytes, bytes]]] = defaultdict(list)
+        # Keys are namespace/pod: a few distinct ones per step, one murmur2 each.
+        keys = pc.dictionary_encode(records.keys)
         part_of = self._part_of
-        if len(part_of) > 100_000:  # keys are namespace/pod: pods come and go
+        if len(part_of) > 100_000:  # pods come and go
             part_of.clear()
-        for k, run in groupby(records, key=itemgetter(0)):
+        parts = []
+        for k in keys.dictionary.to_pylist():
             p = part_of.get((topic, k))
             if p is None:
                 p = part_of[(topic, k)] = (murmur2(k) & 0x7FFFFFFF) % n
-            by_part[p].extend(run)
+            parts.append(p)
+        rows = np.array(parts, np.int64)[keys.indices.to_numpy(zero_copy_only=False)]
+        batcher = self._batchers.get(topic)
+        if batcher is None:
+            s = self.settings
+            batcher = self._batchers[topic] = Batcher(EVENT_ID_HEADER.encode(), s.siem_compression,
+                                                      max_bytes=s.siem_batch_bytes)
+        batches = batcher.batches(records, rows)
         futs = []
-        for p, recs in by_part.items():
-            batch, n = self.producer.create_batch(), 0
-            for k, v, i in recs:
-                headers = [(EVENT_ID_HEADER, i)]
-                if batch.append(key=k, value=v, timestamp=None, headers=headers) is None:
-                    futs.append(await self._enqueue(batch, topic, p, n))
-                    batch, n = self.producer.create_batch(), 0
-                    batch.append(key=k, value=v, timestamp=None, headers=headers)
-                n += 1
-            futs.append(await self._enqueue(batch, topic, p, n))
+        for p, batch in batches:
+            futs.append(await self._enqueue(batch, topic, p, batch.record_count()))
         return futs
 
     def _acked(self, tp: tuple[str, int], n: int, fut: asyncio.Future[Any]) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import chain, compress, repeat
+from itertools import chain, repeat
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from stream.decode import EventColumns, result_strings
 from stream.join import ContainerMeta
+from stream.recordbatch import RecordColumns
 
 __all__ = [
     "ALERT_TYPES", "EVENT_ID_HEADER", "AlertThrottle", "CodedGroup", "Decision", "SiemBatch", "SiemEncoder",
@@ -113,10 +114,27 @@ class AlertThrottle:
 
 @dataclass
 class SiemBatch:
-    """Encoded output of one or more groups: (key, value, event id) per record, per topic."""
+    """Encoded output of one or more groups, per topic: key, value and event id per record, as
+    Arrow columns (chunks, one per encoded step part; joined when sent)."""
 
-    alert_records: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
-    log_records: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
+    alert_chunks: list[RecordColumns] = field(default_factory=list)
+    log_chunks: list[RecordColumns] = field(default_factory=list)
+
+    @property
+    def alert_columns(self) -> RecordColumns:
+        return RecordColumns.concat(self.alert_chunks)
+
+    @property
+    def log_columns(self) -> RecordColumns:
+        return RecordColumns.concat(self.log_chunks)
+
+    @property
+    def alert_records(self) -> list[tuple[bytes, bytes, bytes]]:
+        return self.alert_columns.rows()
+
+    @property
+    def log_records(self) -> list[tuple[bytes, bytes, bytes]]:
+        return self.log_columns.rows()
 
     @property
     def alerts(self) -> list[tuple[bytes, bytes]]:
@@ -126,17 +144,25 @@ class SiemBatch:
     def logs(self) -> list[tuple[bytes, bytes]]:
         return [(k, v) for k, v, _ in self.log_records]
 
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(alerts, logs)"""
+        return sum(map(len, self.alert_chunks)), sum(map(len, self.log_chunks))
+
     def extend(self, other: SiemBatch) -> None:
-        self.alert_records.extend(other.alert_records)
-        self.log_records.extend(other.log_records)
+        self.alert_chunks.extend(c for c in other.alert_chunks if len(c))
+        self.log_chunks.extend(c for c in other.log_chunks if len(c))
 
     def without(self, sent: Collection[bytes]) -> tuple[SiemBatch, int]:
         """The records whose event id is not in `sent` (already on the SIEM topics), and how many
         were left out."""
-        alerts = [r for r in self.alert_records if r[2] not in sent]
-        logs = [r for r in self.log_records if r[2] not in sent]
-        dropped = len(self.alert_records) + len(self.log_records) - len(alerts) - len(logs)
-        return SiemBatch(alerts, logs), dropped
+        known = pa.array(list(sent), _B)
+
+        def keep(chunks: list[RecordColumns]) -> list[RecordColumns]:
+            return [c.filter(pc.invert(pc.is_in(c.header_values, value_set=known))) for c in chunks]
+
+        out = SiemBatch(keep(self.alert_chunks), keep(self.log_chunks))
+        return out, sum(self.counts) - sum(out.counts)
 
 
 def _iso(ns: int) -> str:
@@ -294,21 +320,29 @@ class SiemEncoder:
             _lit(b',"Data":'), strings("data"),
             pa.array([p.end for p in parts], _B).take(code), result, cwd,
             _lit(b"}"), _lit(b""),
-        ).to_pylist()
+        )
         index = _numbers([g.cols.index for g in gs])
-        ids = pc.binary_join_element_wise(pa.array(id_prefixes, _B).take(gidx), index, _lit(b"")).to_pylist()
-        row_keys = list(chain.from_iterable(repeat(k, n) for k, n in zip(keys, sizes, strict=True)))
-        out.log_records = list(compress(zip(row_keys, values, ids, strict=True), (~alert).tolist()))
-        if alert.any():
-            g_of = gidx.to_numpy()
-            for i in np.flatnonzero(alert).tolist():
-                gi = int(g_of[i])
-                send, summary = self.throttle.admit(tkeys[gi], int(secs[i]))
-                if summary:
-                    out.alert_records.append((keys[gi], self._summary(prefixes[gi], int(secs[i]), int(ts[i])),
-                                              ids[i] + b"/summary"))
-                if send:
-                    out.alert_records.append((keys[gi], values[i], ids[i]))
+        ids = pc.binary_join_element_wise(pa.array(id_prefixes, _B).take(gidx), index, _lit(b""))
+        row_keys = pa.array(keys, _B).take(gidx)
+        records = RecordColumns(row_keys, values, ids)
+        if not alert.any():
+            out.log_chunks.append(records)
+            return out
+        out.log_chunks.append(records.filter(~alert))
+        g_of = gidx.to_numpy()
+        rows = np.flatnonzero(alert).tolist()
+        alert_values = values.take(pa.array(rows)).to_pylist()
+        alert_ids = ids.take(pa.array(rows)).to_pylist()
+        alerts: list[tuple[bytes, bytes, bytes]] = []
+        for i, v, eid in zip(rows, alert_values, alert_ids, strict=True):
+            gi = int(g_of[i])
+            send, summary = self.throttle.admit(tkeys[gi], int(secs[i]))
+            if summary:
+                summary_value = self._summary(prefixes[gi], int(secs[i]), int(ts[i]))
+                alerts.append((keys[gi], summary_value, eid + b"/summary"))
+            if send:
+                alerts.append((keys[gi], v, eid))
+        out.alert_chunks.append(RecordColumns.from_rows(alerts))
         return out
 
     def _summary(self, prefix: bytes, sec: int, ts: int) -> bytes:

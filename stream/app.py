@@ -38,6 +38,9 @@ class StreamSettings:
     # for Log JSON several-fold, tansu's CPU here ~5x; aiokafka's lz4 is LZ4HC (level 9),
     # 5x slower to make than zstd-3 (bench/stream_throughput.py). None: uncompressed.
     siem_compression: str | None = "zstd"
+    # A SIEM producer batch as sent (compressed), below Kafka's default message.max.bytes
+    # (1,048,588): a step's Logs go in a few such batches (stream.recordbatch.Batcher).
+    siem_batch_bytes: int = 1_000_000
     # Re-delivered raw batches the store already holds are not sent to the SIEM topics again
     # (StreamRuntime.stored); True sends them anyway (a deliberate replay under a new group).
     resend_stored: bool = False
