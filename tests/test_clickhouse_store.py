@@ -118,6 +118,52 @@ def test_migrations_are_idempotent(make_store: StoreFactory) -> None:
     assert {"events", "alerts", "policy_minute", "namespace_hour", "ingested_batches"} <= tables
 
 
+def test_migration_6_keeps_the_rollups_and_ledger_of_a_version_5_store(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stream.store.client as client
+
+    monkeypatch.setattr(client, "MIGRATIONS", MIGRATIONS[:5])
+    monkeypatch.setattr(client.Store, "apply_table_settings", lambda self: None)  # it knows only v6 tables
+    old = make_store()
+    assert old.applied_migrations() == [1, 2, 3, 4, 5]
+    # an hour: several minutes and keys (a v5 ledger is not the sink's to ask)
+    Sink(old, skip_stored_batches=False).insert_rows(synthetic_records(3600, batch_size=400))
+    queries = {
+        "policy": "SELECT PolicyName, NamespaceName, Severity, Action, toUnixTimestamp(bucket), sum(events) "
+                  "FROM policy_minute GROUP BY ALL ORDER BY ALL",
+        "policy_hour": "SELECT PolicyName, toUnixTimestamp(bucket), sum(events) FROM policy_hour "
+                       "GROUP BY ALL ORDER BY ALL",
+        "ns": "SELECT NamespaceName, Type, Operation, toUnixTimestamp(bucket), sum(events) "
+              "FROM namespace_minute GROUP BY ALL ORDER BY ALL",
+        "ns_hour": "SELECT NamespaceName, toUnixTimestamp(bucket), sum(events) FROM namespace_hour "
+                   "GROUP BY ALL ORDER BY ALL",
+        "ledger": "SELECT node, batch_seq, sum(rows), toUnixTimestamp64Nano(min(Timestamp)) "
+                  "FROM ingested_batches GROUP BY ALL ORDER BY ALL",
+    }
+    before = {k: old.rows(q) for k, q in queries.items()}
+    assert all(before.values()) and len(before["ledger"]) == 9
+
+    monkeypatch.undo()
+    new = make_store()
+    assert new.applied_migrations() == [m.version for m in MIGRATIONS]
+    assert {k: new.rows(q) for k, q in queries.items()} == before
+    engines = dict(new.rows("SELECT name, engine FROM system.tables WHERE database = currentDatabase()"))
+    for name in ("policy_minute", "policy_hour", "namespace_minute", "namespace_hour", "ingested_batches"):
+        assert engines[name] == "View"
+    assert {n for n, e in engines.items() if e == "MaterializedView"} == {"alerts_mv", "rollups_mv"}
+
+    # A retried migration (crashed before it was recorded) copies nothing twice; new rows still count.
+    from stream.store.schema import SchemaSettings
+
+    for sql in MIGRATIONS[5].statements(SchemaSettings(tables=frozenset({"events", "alerts", "rollups"}))):
+        new.command(sql)
+    assert {k: new.rows(q) for k, q in queries.items()} == before
+    Sink(new).insert_rows(synthetic_records(400, batch_size=400, first_seq=100))
+    assert new.rows("SELECT count() FROM ingested_batches") == [(10,)]
+    assert new.rows("SELECT sum(events) FROM namespace_hour")[0][0] == 4000
+
+
 def _stored(store: Store, table: str = "events") -> list[dict[str, Any]]:
     names = [c.name for c in EVENT_COLUMNS]
     result = store.client.query_arrow(
@@ -236,11 +282,13 @@ def test_retention_setting_is_applied(make_store: StoreFactory) -> None:
     store = make_store(retention_days=7, rollup_retention_days=90)
     assert store.table_ttl("events") == "toDateTime(Timestamp) + toIntervalDay(7)"
     assert store.table_ttl("alerts") == "toDateTime(Timestamp) + toIntervalDay(7)"
-    assert store.table_ttl("policy_hour") == "toDateTime(bucket) + toIntervalDay(90)"
+    # the ledger rows of `rollups` as long as the events, its counts as long as the rollups
+    assert store.table_ttl("rollups") == ("toDateTime(bucket) + toIntervalDay(7) WHERE kind = 'batch', "
+                                          "toDateTime(bucket) + toIntervalDay(90) WHERE kind != 'batch'")
 
     changed = make_store(retention_days=3, rollup_retention_days=0, dedup_window=500)
     assert changed.table_ttl("events") == "toDateTime(Timestamp) + toIntervalDay(3)"
-    assert changed.table_ttl("policy_hour") is None
+    assert changed.table_ttl("rollups") == "toDateTime(bucket) + toIntervalDay(3) WHERE kind = 'batch'"
     assert changed.table_setting("events", "non_replicated_deduplication_window") == "500"
 
     # Rows older than the retention are gone; recent ones stay.
@@ -251,6 +299,7 @@ def test_retention_setting_is_applied(make_store: StoreFactory) -> None:
     Sink(changed).insert_rows(old + new)
     changed.command("OPTIMIZE TABLE events FINAL")
     assert changed.rows("SELECT node, count() FROM events GROUP BY node") == [("new", 10)]
+    assert make_store(retention_days=0, rollup_retention_days=0).table_ttl("rollups") is None
 
 
 def test_errors_are_translated(make_store: StoreFactory) -> None:

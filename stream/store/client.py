@@ -24,7 +24,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
 from enforcer.errors import ArmorstreamError
-from stream.store.schema import MIGRATIONS, RAW_TABLES, ROLLUP_TABLES, SchemaSettings
+from stream.store.schema import LEDGER_KIND, MIGRATIONS, RAW_TABLES, ROLLUP_TABLES, SchemaSettings
 
 __all__ = [
     "Store",
@@ -87,7 +87,7 @@ class StoreConfig:
     path: Path | None = None  # embedded chdb data directory
     url: str | None = None  # http(s)://user:pass@host:port/db of a ClickHouse server
     database: str = "armorstream"
-    retention_days: int = 30  # events, alerts, ingested_batches
+    retention_days: int = 30  # events, alerts, the batch ledger
     rollup_retention_days: int = 400  # per-minute/per-hour counts
     dedup_window: int = 10_000
     settings: dict[str, Any] = field(default_factory=dict)  # extra client settings
@@ -191,11 +191,14 @@ class Store:
             "ENGINE = ReplacingMergeTree ORDER BY version"
         )
         done = set(self.applied_migrations())
-        settings = SchemaSettings(dedup_window=self.config.dedup_window)
         applied = []
         for m in MIGRATIONS:
             if m.version in done:
                 continue
+            tables = self.rows("SELECT name FROM system.tables WHERE database = currentDatabase() "
+                               "AND engine NOT LIKE '%View'")
+            settings = SchemaSettings(dedup_window=self.config.dedup_window,
+                                      tables=frozenset(str(t) for t, in tables))
             for sql in m.statements(settings):
                 self.command(sql)
             self.command(
@@ -209,10 +212,8 @@ class Store:
     def apply_table_settings(self) -> None:
         """Bring TTL and the dedup window in line with the config; ALTER only what differs."""
         for table in RAW_TABLES + ROLLUP_TABLES:
-            days = self.config.retention_days if table in RAW_TABLES else self.config.rollup_retention_days
-            column = "Timestamp" if table in RAW_TABLES else "bucket"
             current = self.table_ttl(table)
-            want = f"toDateTime({column}) + toIntervalDay({days})" if days else None
+            want = self.wanted_ttl(table)
             if current != want:
                 # Existing rows are checked at the next merge rather than by a mutation now.
                 self.command(
@@ -227,6 +228,16 @@ class Store:
                     f"ALTER TABLE {table} MODIFY SETTING non_replicated_deduplication_window = "
                     f"{self.config.dedup_window}"
                 )
+
+    def wanted_ttl(self, table: str) -> str | None:
+        """The TTL clause the config asks for (as ClickHouse prints it back), None for none."""
+        raw, rollup = self.config.retention_days, self.config.rollup_retention_days
+        if table in RAW_TABLES:
+            return f"toDateTime(Timestamp) + toIntervalDay({raw})" if raw else None
+        # rollups: the ledger rows live as long as the events they describe
+        parts = [f"toDateTime(bucket) + toIntervalDay({days}) WHERE kind {op} '{LEDGER_KIND}'"
+                 for days, op in ((raw, "="), (rollup, "!=")) if days]
+        return ", ".join(parts) or None
 
     def _engine_full(self, table: str) -> str:
         rows = self.rows(

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stream.store.client import Store, translate_errors
-from stream.store.schema import EVENT_COLUMNS, EVENT_SCHEMA
+from stream.store.schema import EVENT_COLUMNS, EVENT_SCHEMA, LEDGER_KIND
 
 __all__ = ["InsertResult", "Sink", "batch_token", "conform", "rows_to_table"]
 
@@ -137,9 +137,9 @@ class Sink:
     def stored_batches(self, ids: list[tuple[str, int]]) -> set[tuple[str, int]]:
         if not ids:
             return set()
-        rows = self.store.rows(
-            "SELECT DISTINCT node, batch_seq FROM ingested_batches "
-            "WHERE node IN {nodes:Array(String)} AND (node, batch_seq) IN {ids:Array(Tuple(String, UInt64))}",
+        rows = self.store.rows(  # the ledger's rows of `rollups` (the ingested_batches view, by its key)
+            f"SELECT DISTINCT k1, seq FROM rollups WHERE kind = '{LEDGER_KIND}' "
+            "AND k1 IN {nodes:Array(String)} AND (k1, seq) IN {ids:Array(Tuple(String, UInt64))}",
             {"nodes": sorted({n for n, _ in ids}), "ids": ids},
         )
         return {(str(n), int(s)) for n, s in rows}
