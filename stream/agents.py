@@ -412,8 +412,12 @@ class StreamRuntime(mode.Service):
             fut = await self.producer.send(s.dead_letter_topic, d.value, key=d.key, headers=headers)
             fut.add_done_callback(self._acked_record)
             futs.append(fut)
-        futs += await self._send(s.alerts_topic, out.siem.alert_columns)
-        futs += await self._send(s.logs_topic, out.siem.log_columns)
+        # chunk by chunk (each an encoded part of the step), in order: joining them first
+        # would copy every record once more
+        for chunk in out.siem.alert_chunks:
+            futs += await self._send(s.alerts_topic, chunk)
+        for chunk in out.siem.log_chunks:
+            futs += await self._send(s.logs_topic, chunk)
         if futs:
             await asyncio.gather(*futs)
         alerts, logs = out.siem.counts

@@ -313,6 +313,26 @@ def test_updated_time_column_matches_scalar_formatting() -> None:
     assert iso_times(ts)[0] == "2025-11-25T12:00:00.123456Z"
 
 
+def test_escape_scan_agrees_with_a_regex_on_slices_and_large_strings() -> None:
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from stream.alerts import _needs_escape
+
+    rnd = random.Random(3)
+    for _ in range(2000):
+        vals = ["".join(rnd.choice("abc/._-é ") for _ in range(rnd.randint(0, 12)))
+                for _ in range(rnd.randint(0, 6))]
+        if vals and rnd.random() < 0.5:
+            vals[rnd.randrange(len(vals))] += rnd.choice('"\\\n\t\x01\x1f')
+        a = pa.array(vals, pa.string())
+        for arr in (a, a.slice(1), a.slice(0, max(len(a) - 1, 0)), pa.array(vals, pa.large_string())):
+            want = len(arr) > 0 and bool(pc.any(pc.match_substring_regex(arr, r'["\\\x00-\x1f]')).as_py())
+            assert _needs_escape(arr) == want, vals
+
+
 def test_siem_json_is_exact_for_awkward_strings_and_keeps_kubearmor_order() -> None:
     p = BatchProcessor()
     add_container(p.state, 1, container("c1", 'we"b'))
