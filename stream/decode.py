@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,14 @@ def _strings(col: np.ndarray) -> list[str]:
     """Fixed-size C char arrays -> str (up to the first NUL)."""
     if col.dtype.kind != "S":  # declared as uint8[N]: view the same bytes as S<N>
         col = np.ascontiguousarray(col).view(f"S{col.shape[-1]}").reshape(col.shape[:-1])
-    return [b.split(b"\0", 1)[0].decode("utf-8", "replace") for b in col.tolist()]
+    raw = col.tolist()  # numpy drops the trailing NULs
+    # The whole column in one decode: a NUL ends any UTF-8 sequence, so each string decodes
+    # (errors replaced) exactly as alone. A string with bytes after its first NUL (a reused
+    # buffer) shows up as an extra piece; then each is cut at its NUL.
+    out = b"\0".join(raw).decode("utf-8", "replace").split("\0")
+    if len(out) == len(raw):
+        return out
+    return [b.split(b"\0", 1)[0].decode("utf-8", "replace") for b in raw]
 
 
 _OPEN_DATA: dict[int, str] = {}
@@ -110,11 +118,12 @@ class ProcessTable:
     exe: dict[int, str] = field(default_factory=dict)
 
     def names(self, pids: Sequence[int], fallback: Sequence[str]) -> list[str]:
-        get = self.exe.get
-        return [get(p) or f for p, f in zip(pids, fallback, strict=True)]
+        if len(pids) != len(fallback):
+            raise ValueError("pids and fallback differ in length")
+        return list(map(self.exe.get, pids, fallback))  # no empty paths are kept (update)
 
     def update(self, pids: Sequence[int], paths: Sequence[str]) -> None:
-        self.exe.update(zip(pids, paths, strict=True))
+        self.exe.update((p, e) for p, e in zip(pids, paths, strict=True) if e)
         self._trim()
 
     def forked(self, parents: Sequence[int], children: Sequence[int]) -> None:
@@ -169,12 +178,15 @@ class EventColumns:
     def take(self, idx: np.ndarray) -> EventColumns:
         """The rows at `idx` (an index array), as a new EventColumns."""
         il = idx.tolist()
+        gather = itemgetter(*il) if len(il) > 1 else None  # one C-level gather per list column
 
         def pick(v: Any) -> Any:
             if isinstance(v, np.ndarray):
                 return v[idx]
             if isinstance(v, list):
-                return [v[i] for i in il] if v else v
+                if not v:
+                    return v
+                return list(gather(v)) if gather is not None else [v[i] for i in il]
             return v
 
         return EventColumns(**{k: pick(v) for k, v in self.__dict__.items() if k != "arrow"})

@@ -313,6 +313,25 @@ def test_updated_time_column_matches_scalar_formatting() -> None:
     assert iso_times(ts)[0] == "2025-11-25T12:00:00.123456Z"
 
 
+def test_c_strings_decode_up_to_their_nul_whatever_follows() -> None:
+    from stream.decode import ProcessTable, _strings
+
+    raw = [b"/etc/passwd", b"", b"x" * 16, b"/bin/sh\0garbage", b"/bad\xff\xfeutf8", b"\xc3", b"\xa9tail",
+           b"caf\xc3\xa9"]
+    col = np.array(raw, dtype="S16")
+    want = [b.split(b"\0", 1)[0].decode("utf-8", "replace") for b in raw]
+    assert _strings(col) == want  # the slow path: one string has bytes after its NUL
+    clean = np.array([r for r in raw if b"\0" not in r], dtype="S16")
+    assert _strings(clean) == [w for r, w in zip(raw, want, strict=True) if b"\0" not in r]  # one decode
+    assert _strings(np.array([], dtype="S16")) == []
+    as_bytes = np.frombuffer(clean.tobytes(), np.uint8).reshape(len(clean), 16)  # declared uint8[16]
+    assert _strings(as_bytes) == _strings(clean)
+
+    procs = ProcessTable()
+    procs.update([1, 2], ["/usr/bin/cat", ""])  # an empty path is not kept: the fallback wins
+    assert procs.names([1, 2, 3], ["a", "b", "c"]) == ["/usr/bin/cat", "b", "c"]
+
+
 def test_escape_scan_agrees_with_a_regex_on_slices_and_large_strings() -> None:
     import random
 
