@@ -456,7 +456,22 @@ def test_agent_ships_files_network_and_capabilities(container: Container, broker
                                     "--mount", "--uts", sys.executable, "-I", "-S", "-c", WORKLOAD, str(work),
                                     str(port), tag)  # fmt: skip
             await asyncio.to_thread(run_in, container.cgroup, Path("/"), "/bin/true", marker)
-            msgs = await consume_until(bootstrap, has_marker(container.cgroup_id, marker))
+            # Each kind has its own ring buffer and batches: the marker's exec can be shipped
+            # before the workload's file, network or capability records. Wait for those too.
+            attached = {m.name for m in report.monitors if m.attached}  # type: ignore[attr-defined]
+            want = {Kind.NET: 3 if "network" in attached else 0,
+                    Kind.CAP: 1 if "capabilities" in attached else 0}
+            marked = has_marker(container.cgroup_id, marker)
+
+            last_open = f"missing-{tag}"  # the workload's last file event
+
+            def complete(got: list[Msg]) -> bool:
+                opened = (p for _, h, r in got if h.kind == Kind.FILE for p in records.text(r["path"]))
+                counts = {kind: sum(len(r) for _, h, r in got if h.kind == kind) for kind in want}
+                return (marked(got) and any(last_open in p for p in opened)
+                        and all(counts[kind] >= n for kind, n in want.items()))
+
+            msgs = await consume_until(bootstrap, complete)
         finally:
             stop.set()
             await task
