@@ -121,20 +121,12 @@ class SiemBatch:
     log_chunks: list[RecordColumns] = field(default_factory=list)
 
     @property
-    def alert_columns(self) -> RecordColumns:
-        return RecordColumns.concat(self.alert_chunks)
-
-    @property
-    def log_columns(self) -> RecordColumns:
-        return RecordColumns.concat(self.log_chunks)
-
-    @property
     def alert_records(self) -> list[tuple[bytes, bytes, bytes]]:
-        return self.alert_columns.rows()
+        return RecordColumns.concat(self.alert_chunks).rows()
 
     @property
     def log_records(self) -> list[tuple[bytes, bytes, bytes]]:
-        return self.log_columns.rows()
+        return RecordColumns.concat(self.log_chunks).rows()
 
     @property
     def alerts(self) -> list[tuple[bytes, bytes]]:
