@@ -163,20 +163,10 @@ def _iso(ns: int) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _iso_column(ts_ns: np.ndarray) -> np.ndarray:
-    """UpdatedTime without its "Z" for a whole column at once (numpy formats in C)."""
-    # View the integers as nanoseconds first: a plain astype to [us] would read them as microseconds.
-    return np.datetime_as_string(ts_ns.astype(np.int64).view("datetime64[ns]"), unit="us")
-
-
-def iso_times(ts_ns: np.ndarray) -> list[str]:
-    return [t + "Z" for t in _iso_column(ts_ns).tolist()]
-
-
 def iso_arrow(ts_ns: np.ndarray) -> pa.Array:
-    """UpdatedTime without its "Z" as Arrow binary, the same text as `_iso_column`: each
-    distinct second formatted once (a step's events share a few), the microseconds as
-    integers turned to text by Arrow."""
+    """UpdatedTime without its "Z" as Arrow binary, the text `_iso` gives: each distinct second
+    formatted once by numpy (a step's events share a few), the microseconds as integers
+    turned to text by Arrow."""
     ts = ts_ns.astype(np.int64)
     secs, inv = np.unique(ts // 1_000_000_000, return_inverse=True)
     whole = pa.array(np.datetime_as_string(secs.view("datetime64[s]"), unit="s")).cast(_B).take(pa.array(inv))
