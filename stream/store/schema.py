@@ -210,9 +210,14 @@ _ROLLUP_KEYS = {
 }
 
 
+def _k_columns(kind: str) -> str:
+    """A rollup's keys as k1..k4 (empty strings for the keys it does not have)."""
+    keys = _ROLLUP_KEYS[kind]
+    return ", ".join([*keys, *["''"] * (4 - len(keys))])
+
+
 def _rollup_row(kind: str, bucket: str) -> str:
-    keys = list(_ROLLUP_KEYS[kind]) + ["''"] * (4 - len(_ROLLUP_KEYS[kind]))
-    return f"('{kind}', {bucket}, {', '.join(keys)}, 0)"
+    return f"('{kind}', {bucket}, {_k_columns(kind)}, 0)"
 
 
 def _m6_one_rollup_view(s: SchemaSettings) -> list[str]:
@@ -242,11 +247,10 @@ def _m6_one_rollup_view(s: SchemaSettings) -> list[str]:
     ]
     # Copy what the old tables hold (a retried migration's copy is dropped by its token), then
     # replace each by a view of the same name and columns.
-    for kind, keys in _ROLLUP_KEYS.items():
+    for kind in _ROLLUP_KEYS:
         if kind in s.tables:
-            cols = ", ".join([*keys, *["''"] * (4 - len(keys))])
             out += [f"INSERT INTO rollups (kind, bucket, k1, k2, k3, k4, seq, events, first) "
-                    f"SELECT '{kind}', bucket, {cols}, 0, events, bucket FROM {kind} "
+                    f"SELECT '{kind}', bucket, {_k_columns(kind)}, 0, events, bucket FROM {kind} "
                     f"SETTINGS insert_deduplication_token = 'migration-6-{kind}'"]
     if "ingested_batches" in s.tables:
         out += ["INSERT INTO rollups (kind, bucket, k1, k2, k3, k4, seq, events, first) "
